@@ -1,0 +1,219 @@
+//! What the PostgreSQL and MySQL sinks share: the unit protocol on top of a [`Database`].
+//!
+//! A unit is reduced ([`reduce`]) to one final state per key, then applied set-based per
+//! target table: deletes, upserts, partial updates. Each part runs under a savepoint; when
+//! the database rejects a part for its data (constraint, value out of range), the part is
+//! split in halves until the rows at fault are isolated, and those go to the dead-letter
+//! table in the same transaction while the rest is applied. Offsets are written last, in the
+//! same transaction, so a unit and its position commit together.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::error::{Disposition, Result};
+use crate::mapper::plan::TargetTable;
+use crate::mapper::{DeadLetter, SinkItem};
+use crate::message::{Checkpoint, StreamOffset};
+use crate::metrics as m;
+use crate::schema::TableId;
+use crate::sink::Sink;
+use crate::sink::reduce::{Part, Step, reduce};
+
+/// How a part of a reduced unit changes its target.
+#[derive(Debug, Clone, Copy)]
+pub enum PartOp<'a> {
+    Upsert,
+    /// Update existing rows, leaving the columns flagged `true` as they are.
+    Update(&'a [bool]),
+    Delete,
+}
+
+impl PartOp<'_> {
+    fn label(&self) -> &'static str {
+        match self {
+            PartOp::Upsert => "upsert",
+            PartOp::Update(_) => "update",
+            PartOp::Delete => "delete",
+        }
+    }
+}
+
+/// One database dialect's operations, all inside the open transaction unless noted.
+pub trait Database: Send {
+    /// Opens a fresh connection and creates sluice's own tables if missing.
+    fn connect(&mut self) -> impl Future<Output = Result<()>> + Send;
+    fn read_offsets(&mut self, sink: &str) -> impl Future<Output = Result<Vec<StreamOffset>>> + Send;
+    fn begin(&mut self) -> impl Future<Output = Result<()>> + Send;
+    /// Creates the target table, or adds the columns it lacks; checks its key and types.
+    /// Runs outside a transaction (MySQL commits implicitly around DDL).
+    fn ensure_table(&mut self, target: &Arc<TargetTable>) -> impl Future<Output = Result<()>> + Send;
+    fn apply(&mut self, target: &TargetTable, op: PartOp<'_>, part: &Part) -> impl Future<Output = Result<()>> + Send;
+    fn truncate(&mut self, target: &TargetTable) -> impl Future<Output = Result<()>> + Send;
+    fn savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
+    fn release_savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
+    fn rollback_to_savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
+    fn dead_letters(&mut self, sink: &str, letters: &[DeadLetter]) -> impl Future<Output = Result<()>> + Send;
+    fn clear_offsets(&mut self, sink: &str, stream: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Stores the offsets and commits the transaction.
+    fn commit(&mut self, sink: &str, offsets: &[StreamOffset]) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// A database sink: the [`Sink`] contract over a [`Database`].
+pub struct DbSink<D> {
+    name: String,
+    db: D,
+    in_txn: bool,
+    ensured: HashMap<TableId, Arc<TargetTable>>,
+    newest_commit_micros: i64,
+}
+
+impl<D: Database> DbSink<D> {
+    pub fn new(name: impl Into<String>, db: D) -> Self {
+        Self { name: name.into(), db, in_txn: false, ensured: HashMap::new(), newest_commit_micros: 0 }
+    }
+
+    async fn ensure(&mut self, target: &Arc<TargetTable>) -> Result<()> {
+        if self.ensured.get(&target.name).is_some_and(|t| Arc::ptr_eq(t, target) || t.as_ref() == target.as_ref()) {
+            return Ok(());
+        }
+        self.db.ensure_table(target).await?;
+        self.ensured.insert(target.name.clone(), target.clone());
+        Ok(())
+    }
+
+    async fn begin(&mut self) -> Result<()> {
+        if !self.in_txn {
+            self.db.begin().await?;
+            self.in_txn = true;
+        }
+        Ok(())
+    }
+
+    /// Applies a part, isolating rejected rows by bisection under savepoints.
+    async fn apply_part(
+        &mut self,
+        target: &TargetTable,
+        op: PartOp<'_>,
+        part: &Part,
+        dead: &mut Vec<DeadLetter>,
+    ) -> Result<()> {
+        let mut stack = vec![part.clone()];
+        while let Some(p) = stack.pop() {
+            self.db.savepoint().await?;
+            match self.db.apply(target, op, &p).await {
+                Ok(()) => self.db.release_savepoint().await?,
+                Err(error) if error.disposition() == Disposition::DeadLetter => {
+                    self.db.rollback_to_savepoint().await?;
+                    if p.len() == 1 {
+                        let meta = p.meta[0];
+                        tracing::warn!(sink = %self.name, table = %target.name, error = %error.chain(), "row rejected: dead-lettered");
+                        dead.push(DeadLetter {
+                            source: target.source.clone(),
+                            target: Some(target.name.clone()),
+                            op: meta.op,
+                            position: meta.position,
+                            error: error.chain(),
+                            change: super::encode::row_json(&p.rows, 0),
+                        });
+                    } else {
+                        let mid = p.len() / 2;
+                        stack.push(p.slice(mid, p.len() - mid));
+                        stack.push(p.slice(0, mid));
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        metrics::counter!(m::SINK_ROWS_TOTAL, "sink" => self.name.clone(), "op" => op.label())
+            .increment(part.len() as u64);
+        Ok(())
+    }
+}
+
+impl<D: Database> Sink for DbSink<D> {
+    async fn open(&mut self) -> Result<Vec<StreamOffset>> {
+        self.db.connect().await?;
+        self.in_txn = false;
+        self.ensured.clear();
+        self.db.read_offsets(&self.name).await
+    }
+
+    async fn offsets(&mut self) -> Result<Vec<StreamOffset>> {
+        self.db.connect().await?;
+        self.db.read_offsets(&self.name).await
+    }
+
+    async fn write(&mut self, items: Vec<SinkItem>) -> Result<()> {
+        // DDL first, before the transaction (MySQL would commit it implicitly).
+        for item in &items {
+            match item {
+                SinkItem::Rows(r) => self.ensure(&r.target).await?,
+                SinkItem::Truncate { target, .. } => self.ensure(target).await?,
+                SinkItem::DeadLetter(_) => {}
+            }
+        }
+        self.begin().await?;
+        let mut dead = Vec::new();
+        for step in reduce(&items)? {
+            match step {
+                Step::Truncate(target, meta) => {
+                    self.db.truncate(&target).await?;
+                    self.newest_commit_micros = self.newest_commit_micros.max(meta.commit_micros);
+                    metrics::counter!(m::SINK_ROWS_TOTAL, "sink" => self.name.clone(), "op" => "truncate").increment(1);
+                }
+                Step::DeadLetter(d) => dead.push(d),
+                Step::Apply(r) => {
+                    let parts = r
+                        .deletes
+                        .iter()
+                        .map(|p| (PartOp::Delete, p))
+                        .chain(r.upserts.iter().map(|p| (PartOp::Upsert, p)));
+                    let parts: Vec<_> =
+                        parts.chain(r.updates.iter().map(|(mask, p)| (PartOp::Update(mask), p))).collect();
+                    for (op, part) in parts {
+                        if let Some(newest) = part.meta.iter().map(|m| m.commit_micros).max() {
+                            self.newest_commit_micros = self.newest_commit_micros.max(newest);
+                        }
+                        self.apply_part(&r.target, op, part, &mut dead).await?;
+                    }
+                }
+            }
+        }
+        if !dead.is_empty() {
+            metrics::counter!(m::DEAD_LETTERS_TOTAL, "sink" => self.name.clone()).increment(dead.len() as u64);
+            self.db.dead_letters(&self.name, &dead).await?;
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self, checkpoint: &Checkpoint, offsets: Vec<StreamOffset>) -> Result<Vec<Checkpoint>> {
+        self.begin().await?;
+        self.db.commit(&self.name, &offsets).await?;
+        self.in_txn = false;
+        if self.newest_commit_micros > 0 {
+            let lag = (chrono::Utc::now().timestamp_micros() - self.newest_commit_micros).max(0) as f64 / 1e6;
+            metrics::gauge!(m::REPLICATION_LAG_SECONDS, "sink" => self.name.clone()).set(lag);
+        }
+        Ok(vec![checkpoint.clone()])
+    }
+
+    async fn snapshot_begin(&mut self, targets: &[Arc<TargetTable>], stream: &str) -> Result<()> {
+        let held = self.db.read_offsets(&self.name).await?;
+        if !held.iter().any(|o| o.stream == stream) {
+            return Ok(());
+        }
+        tracing::warn!(sink = %self.name, tables = targets.len(), "a new snapshot starts: emptying the target tables first");
+        for t in targets {
+            self.ensure(t).await?;
+        }
+        self.begin().await?;
+        for t in targets {
+            self.db.truncate(t).await?;
+        }
+        self.db.clear_offsets(&self.name, stream).await?;
+        self.db.commit(&self.name, &[]).await?;
+        self.in_txn = false;
+        Ok(())
+    }
+}

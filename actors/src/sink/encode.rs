@@ -1,0 +1,378 @@
+//! Arrow cells as SQL text: PostgreSQL `COPY ... FROM STDIN` text format, and MySQL literals.
+//!
+//! Pure functions, unit-tested. Values keep their exact meaning: decimals print from their
+//! scaled integers, timestamps in ISO form (UTC for time-zone aware ones), binary as hex,
+//! floats with the shortest exact representation. Arrays are PostgreSQL array literals;
+//! MySQL receives them as JSON arrays.
+
+use std::fmt::Write as _;
+
+use arrow::array::{Array, ArrayRef, AsArray};
+use arrow::datatypes::{
+    DataType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type,
+    IntervalMonthDayNanoType, IntervalUnit, Time64MicrosecondType, TimeUnit, TimestampMicrosecondType,
+};
+
+use crate::value::{Interval, MICROS_PER_DAY, civil_from_days, format_time};
+
+/// Which text to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// PostgreSQL COPY text format (tab separated, backslash escapes, `\N` for NULL).
+    PgCopy,
+    /// A MySQL literal for a multi-row `INSERT ... VALUES`.
+    MySql,
+}
+
+/// Formats a decimal's scaled integer.
+pub fn format_decimal(v: i128, scale: i8) -> String {
+    if scale <= 0 {
+        let zeros = "0".repeat((-scale) as usize);
+        return if v == 0 { "0".to_string() } else { format!("{v}{zeros}") };
+    }
+    let scale = scale as usize;
+    let digits = v.unsigned_abs().to_string();
+    let padded =
+        if digits.len() <= scale { format!("{}{digits}", "0".repeat(scale - digits.len() + 1)) } else { digits };
+    let (int, frac) = padded.split_at(padded.len() - scale);
+    format!("{}{int}.{frac}", if v < 0 { "-" } else { "" })
+}
+
+/// PostgreSQL date input (`YYYY-MM-DD`, `... BC` before year 1), `infinity` for the extremes.
+fn pg_date(days: i32) -> String {
+    match days {
+        i32::MAX => "infinity".into(),
+        i32::MIN => "-infinity".into(),
+        _ => {
+            let (y, m, d) = civil_from_days(days as i64);
+            if y > 0 { format!("{y:04}-{m:02}-{d:02}") } else { format!("{:04}-{m:02}-{d:02} BC", 1 - y) }
+        }
+    }
+}
+
+fn pg_timestamp(micros: i64, utc: bool) -> String {
+    match micros {
+        i64::MAX => return "infinity".into(),
+        i64::MIN => return "-infinity".into(),
+        _ => {}
+    }
+    let days = micros.div_euclid(MICROS_PER_DAY);
+    let time = micros.rem_euclid(MICROS_PER_DAY);
+    let date = pg_date(days as i32);
+    let (date, bc) = match date.strip_suffix(" BC") {
+        Some(d) => (d.to_string(), " BC"),
+        None => (date, ""),
+    };
+    format!("{date} {}{}{bc}", format_time(time), if utc { "+00" } else { "" })
+}
+
+/// MySQL DATETIME(6) text in UTC; `None` outside the years 1000-9999 MySQL supports.
+fn mysql_datetime(micros: i64) -> Option<String> {
+    let days = micros.div_euclid(MICROS_PER_DAY);
+    let time = micros.rem_euclid(MICROS_PER_DAY);
+    let (y, m, d) = civil_from_days(days);
+    (1000..=9999).contains(&y).then(|| format!("{y:04}-{m:02}-{d:02} {}", format_time(time)))
+}
+
+fn float_text(f: f64, dialect: Dialect) -> Option<String> {
+    if f.is_finite() {
+        return Some(format!("{f}"));
+    }
+    match dialect {
+        Dialect::PgCopy => Some(
+            if f.is_nan() {
+                "NaN"
+            } else if f > 0.0 {
+                "Infinity"
+            } else {
+                "-Infinity"
+            }
+            .into(),
+        ),
+        Dialect::MySql => None,
+    }
+}
+
+/// The text of one non-null cell, before dialect escaping; `None` when the dialect cannot
+/// hold the value (it is written as NULL).
+fn cell_text(array: &ArrayRef, row: usize, dialect: Dialect) -> Option<String> {
+    Some(match array.data_type() {
+        DataType::Boolean => {
+            let b = array.as_boolean().value(row);
+            match dialect {
+                Dialect::PgCopy => if b { "t" } else { "f" }.into(),
+                Dialect::MySql => if b { "1" } else { "0" }.into(),
+            }
+        }
+        DataType::Int16 => array.as_primitive::<Int16Type>().value(row).to_string(),
+        DataType::Int32 => array.as_primitive::<Int32Type>().value(row).to_string(),
+        DataType::Int64 => array.as_primitive::<Int64Type>().value(row).to_string(),
+        DataType::Float32 => float_text(array.as_primitive::<Float32Type>().value(row) as f64, dialect)?,
+        DataType::Float64 => float_text(array.as_primitive::<Float64Type>().value(row), dialect)?,
+        DataType::Decimal128(_, s) => format_decimal(array.as_primitive::<Decimal128Type>().value(row), *s),
+        DataType::Utf8 => array.as_string::<i32>().value(row).to_string(),
+        DataType::Binary => {
+            let bytes = array.as_binary::<i32>().value(row);
+            let mut s = String::with_capacity(bytes.len() * 2 + 2);
+            s.push_str(match dialect {
+                Dialect::PgCopy => "\\x",
+                Dialect::MySql => "",
+            });
+            for b in bytes {
+                let _ = write!(s, "{b:02x}");
+            }
+            s
+        }
+        DataType::Date32 => {
+            let days = array.as_primitive::<Date32Type>().value(row);
+            match dialect {
+                Dialect::PgCopy => pg_date(days),
+                Dialect::MySql => mysql_datetime(days as i64 * MICROS_PER_DAY)?[..10].to_string(),
+            }
+        }
+        DataType::Time64(TimeUnit::Microsecond) => {
+            format_time(array.as_primitive::<Time64MicrosecondType>().value(row))
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, tz) => {
+            let micros = array.as_primitive::<TimestampMicrosecondType>().value(row);
+            match dialect {
+                Dialect::PgCopy => pg_timestamp(micros, tz.is_some()),
+                Dialect::MySql => mysql_datetime(micros)?,
+            }
+        }
+        DataType::Interval(IntervalUnit::MonthDayNano) => {
+            let v = array.as_primitive::<IntervalMonthDayNanoType>().value(row);
+            let i = Interval { months: v.months, days: v.days, micros: v.nanoseconds / 1000 };
+            match dialect {
+                Dialect::PgCopy => i.to_string(),
+                Dialect::MySql => i.to_string(),
+            }
+        }
+        DataType::List(_) => {
+            let list = array.as_list::<i32>();
+            let values = list.value(row);
+            match dialect {
+                Dialect::PgCopy => pg_array_literal(&values),
+                Dialect::MySql => json_array(&values),
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// `{1,NULL,"a b"}`: every element quoted except NULLs, which is always valid input.
+fn pg_array_literal(values: &ArrayRef) -> String {
+    let mut out = String::from("{");
+    for i in 0..values.len() {
+        if i > 0 {
+            out.push(',');
+        }
+        if values.is_null(i) {
+            out.push_str("NULL");
+            continue;
+        }
+        let text = cell_text(values, i, Dialect::PgCopy).unwrap_or_default();
+        out.push('"');
+        for c in text.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+fn json_array(values: &ArrayRef) -> String {
+    let items: Vec<serde_json::Value> = (0..values.len())
+        .map(|i| {
+            if values.is_null(i) {
+                return serde_json::Value::Null;
+            }
+            let text = cell_text(values, i, Dialect::MySql).unwrap_or_default();
+            match values.data_type() {
+                DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::Float32 | DataType::Float64 => {
+                    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+                }
+                DataType::Boolean => serde_json::Value::Bool(text == "1"),
+                _ => serde_json::Value::String(text),
+            }
+        })
+        .collect();
+    serde_json::Value::Array(items).to_string()
+}
+
+/// One cell as PostgreSQL prints it (unescaped); `None` for NULL.
+pub fn cell_string(array: &ArrayRef, row: usize) -> Option<String> {
+    if array.is_null(row) { None } else { cell_text(array, row, Dialect::PgCopy) }
+}
+
+/// Appends one cell in PostgreSQL COPY text format.
+pub fn write_copy_cell(out: &mut Vec<u8>, array: &ArrayRef, row: usize) {
+    if array.is_null(row) {
+        out.extend_from_slice(b"\\N");
+        return;
+    }
+    match cell_text(array, row, Dialect::PgCopy) {
+        None => out.extend_from_slice(b"\\N"),
+        Some(text) => {
+            for &b in text.as_bytes() {
+                match b {
+                    b'\\' => out.extend_from_slice(b"\\\\"),
+                    b'\t' => out.extend_from_slice(b"\\t"),
+                    b'\n' => out.extend_from_slice(b"\\n"),
+                    b'\r' => out.extend_from_slice(b"\\r"),
+                    _ => out.push(b),
+                }
+            }
+        }
+    }
+}
+
+/// The rows of `columns` (all rows) as COPY text.
+pub fn copy_text(columns: &[&ArrayRef], rows: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows * columns.len() * 12);
+    for r in 0..rows {
+        for (i, a) in columns.iter().enumerate() {
+            if i > 0 {
+                out.push(b'\t');
+            }
+            write_copy_cell(&mut out, a, r);
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+/// A value MySQL cannot hold (NaN, infinity, a date outside the years 1000-9999).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0} cannot be stored in MySQL")]
+pub struct Unrepresentable(pub String);
+
+/// Appends one cell as a MySQL literal (`NULL`, a number, `'text'`, `X'hex'`).
+pub fn write_mysql_literal(out: &mut String, array: &ArrayRef, row: usize) -> Result<(), Unrepresentable> {
+    if array.is_null(row) {
+        out.push_str("NULL");
+        return Ok(());
+    }
+    let Some(text) = cell_text(array, row, Dialect::MySql) else {
+        return Err(Unrepresentable(
+            cell_text(array, row, Dialect::PgCopy).unwrap_or_else(|| format!("a {} value", array.data_type())),
+        ));
+    };
+    match array.data_type() {
+        DataType::Boolean
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::Float32
+        | DataType::Float64 => out.push_str(&text),
+        DataType::Decimal128(..) => out.push_str(&text),
+        DataType::Binary => {
+            out.push_str("X'");
+            out.push_str(&text);
+            out.push('\'');
+        }
+        _ => {
+            out.push('\'');
+            for c in text.chars() {
+                match c {
+                    '\'' => out.push_str("''"),
+                    '\\' => out.push_str("\\\\"),
+                    '\0' => out.push_str("\\0"),
+                    _ => out.push(c),
+                }
+            }
+            out.push('\'');
+        }
+    }
+    Ok(())
+}
+
+/// One row as a JSON object of its cells' text, for dead letters.
+pub fn row_json(batch: &arrow::array::RecordBatch, row: usize) -> String {
+    let mut map = serde_json::Map::new();
+    for (field, array) in batch.schema().fields().iter().zip(batch.columns()) {
+        let value = if array.is_null(row) {
+            serde_json::Value::Null
+        } else {
+            cell_text(array, row, Dialect::PgCopy).map_or(serde_json::Value::Null, serde_json::Value::String)
+        };
+        map.insert(field.name().clone(), value);
+    }
+    serde_json::Value::Object(map).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{
+        BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float64Array, Int32Array, ListArray, StringArray,
+        TimestampMicrosecondArray,
+    };
+    use std::sync::Arc;
+
+    #[test]
+    fn decimals_format() {
+        assert_eq!(format_decimal(1250, 2), "12.50");
+        assert_eq!(format_decimal(-1, 2), "-0.01");
+        assert_eq!(format_decimal(5, 0), "5");
+        assert_eq!(format_decimal(5, -2), "500");
+        assert_eq!(format_decimal(0, 3), "0.000");
+    }
+
+    #[test]
+    fn copy_text_escapes_and_formats() {
+        let text: ArrayRef = Arc::new(StringArray::from(vec![Some("a\tb\\c\nd"), None]));
+        let ts: ArrayRef =
+            Arc::new(TimestampMicrosecondArray::from(vec![Some(1_500_000), Some(i64::MAX)]).with_timezone("UTC"));
+        let bin: ArrayRef = Arc::new(BinaryArray::from(vec![Some(&[0u8, 255][..]), Some(&[][..])]));
+        let dec: ArrayRef =
+            Arc::new(Decimal128Array::from(vec![Some(1234), None]).with_precision_and_scale(10, 2).unwrap());
+        let out = copy_text(&[&text, &ts, &bin, &dec], 2);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "a\\tb\\\\c\\nd\t1970-01-01 00:00:01.500000+00\t\\\\x00ff\t12.34\n\\N\tinfinity\t\\\\x\t\\N\n"
+        );
+    }
+
+    #[test]
+    fn dates_before_year_one_are_bc() {
+        let d: ArrayRef = Arc::new(Date32Array::from(vec![-719_893]));
+        let mut out = Vec::new();
+        write_copy_cell(&mut out, &d, 0);
+        assert!(String::from_utf8(out).unwrap().ends_with(" BC"));
+    }
+
+    #[test]
+    fn arrays_are_pg_literals_and_json_for_mysql() {
+        let list: ArrayRef =
+            Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(vec![Some(vec![Some(1), None])]));
+        let mut out = Vec::new();
+        write_copy_cell(&mut out, &list, 0);
+        assert_eq!(String::from_utf8(out).unwrap(), "{\"1\",NULL}");
+        let mut s = String::new();
+        write_mysql_literal(&mut s, &list, 0).unwrap();
+        assert_eq!(s, "'[1,null]'");
+    }
+
+    #[test]
+    fn mysql_literals_quote_and_escape() {
+        let text: ArrayRef = Arc::new(StringArray::from(vec!["it's \\ ok"]));
+        let b: ArrayRef = Arc::new(BooleanArray::from(vec![true]));
+        let f: ArrayRef = Arc::new(Float64Array::from(vec![f64::NAN]));
+        let i: ArrayRef = Arc::new(Int32Array::from(vec![-5]));
+        let bin: ArrayRef = Arc::new(BinaryArray::from(vec![&[1u8, 2][..]]));
+        let mut s = String::new();
+        for a in [&text, &b, &i, &bin] {
+            write_mysql_literal(&mut s, a, 0).unwrap();
+            s.push(',');
+        }
+        assert_eq!(s, "'it''s \\\\ ok',1,-5,X'0102',");
+        assert_eq!(write_mysql_literal(&mut s, &f, 0), Err(Unrepresentable("NaN".into())));
+        let far: ArrayRef = Arc::new(TimestampMicrosecondArray::from(vec![i64::MAX]));
+        assert!(write_mysql_literal(&mut s, &far, 0).is_err());
+    }
+}

@@ -1,0 +1,288 @@
+//! Sink writers: PostgreSQL, MySQL/MariaDB and Parquet, behind one contract.
+//!
+//! The writer actor ([`run`]) takes mapped items and checkpoints from its mailbox and groups
+//! them into *units*: everything up to a checkpoint, several checkpoints when they queue up
+//! (natural batching: one commit per burst, no waiting when idle). A unit becomes durable
+//! together with its checkpoint's offsets, in one sink transaction, and only then is the
+//! checkpoint acknowledged upstream. A source transaction is never split across commits;
+//! one larger than `max_unit_rows` is written in pieces into the still-open transaction.
+
+pub mod db;
+pub mod encode;
+pub mod mysql;
+pub mod parquet;
+pub mod postgres;
+pub mod reduce;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::error::Result;
+use crate::fault::Faults;
+use crate::mailbox::Mailbox;
+use crate::mapper::plan::TargetTable;
+use crate::mapper::{SinkEvent, SinkItem};
+use crate::message::{Checkpoint, Position, StreamOffset};
+
+/// A sink's contract with its writer actor.
+///
+/// - [`Sink::open`] is called once per incarnation, before anything else, and returns the
+///   offsets the sink holds durably; the pipeline resumes after them.
+/// - [`Sink::write`] adds items to the open unit, in order. Nothing written is visible or
+///   durable before [`Sink::commit`].
+/// - [`Sink::commit`] closes the unit: everything written since the last commit becomes
+///   durable together with `offsets`, atomically (after a crash either both are there or
+///   neither). It returns the checkpoints that are durable now, in order: the one given
+///   for a database sink; possibly none (and later several) for a sink that makes units
+///   durable in batches, like Parquet files. Only returned checkpoints are acknowledged.
+/// - [`Sink::tick`] is called about every second and at a graceful stop (`force`), for
+///   sinks that make data durable on time.
+/// - Writes must be idempotent per key for database sinks (upserts, deletes by key), so a
+///   unit replayed after a crash before its commit lands once.
+/// - A row the sink rejects permanently goes to its dead-letter store inside the same unit.
+pub trait Sink: Send {
+    fn open(&mut self) -> impl Future<Output = Result<Vec<StreamOffset>>> + Send;
+    /// Reads the durable offsets without changing anything: another incarnation of the
+    /// sink may be writing meanwhile (Kafka partition assignments read them this way).
+    fn offsets(&mut self) -> impl Future<Output = Result<Vec<StreamOffset>>> + Send;
+    fn write(&mut self, items: Vec<SinkItem>) -> impl Future<Output = Result<()>> + Send;
+    fn commit(
+        &mut self,
+        checkpoint: &Checkpoint,
+        offsets: Vec<StreamOffset>,
+    ) -> impl Future<Output = Result<Vec<Checkpoint>>> + Send;
+    fn tick(&mut self, force: bool) -> impl Future<Output = Result<Vec<Checkpoint>>> + Send {
+        let _ = force;
+        async { Ok(Vec::new()) }
+    }
+    /// A new snapshot of these targets' sources starts. A sink that holds offsets for
+    /// `stream` (it received data before) empties the targets and forgets the offsets, so
+    /// rows deleted at the source since are not kept.
+    fn snapshot_begin(&mut self, targets: &[Arc<TargetTable>], stream: &str)
+    -> impl Future<Output = Result<()>> + Send;
+}
+
+/// How a writer groups its work.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    pub sink: String,
+    /// The source stream name (the slot) that direct-mode checkpoints belong to.
+    pub stream: String,
+    /// Rows per unit before it is committed even if more is queued.
+    pub max_unit_rows: usize,
+    /// Direct mode: the source position this sink holds durably; anything at or before it
+    /// is a replay and is skipped (Kafka mode: `None`, the consumer seeks instead). A new
+    /// snapshot clears it: its rows sort before any streamed position.
+    pub durable: Option<Position>,
+}
+
+/// Drops the rows of `items` at or before `floor` (already durable in this sink).
+fn after_floor(items: Vec<SinkItem>, floor: Position) -> Vec<SinkItem> {
+    items
+        .into_iter()
+        .filter_map(|item| match item {
+            SinkItem::Rows(rows) => {
+                if rows.meta.iter().all(|m| m.position > floor) {
+                    return Some(SinkItem::Rows(rows));
+                }
+                let keep: Vec<bool> = rows.meta.iter().map(|m| m.position > floor).collect();
+                if !keep.contains(&true) {
+                    return None;
+                }
+                let mask = arrow::array::BooleanArray::from(keep.clone());
+                let columns = arrow::compute::filter_record_batch(&rows.columns, &mask).ok()?;
+                let ops = rows.ops.into_iter().zip(&keep).filter(|(_, k)| **k).map(|(x, _)| x).collect();
+                let meta = rows.meta.into_iter().filter(|m| m.position > floor).collect();
+                Some(SinkItem::Rows(crate::mapper::MappedRows { target: rows.target, columns, ops, meta }))
+            }
+            SinkItem::Truncate { meta, .. } if meta.position <= floor => None,
+            SinkItem::DeadLetter(d) if d.position <= floor => None,
+            other => Some(other),
+        })
+        .collect()
+}
+
+fn rows(items: &[SinkItem]) -> usize {
+    items.iter().map(SinkItem::rows).sum()
+}
+
+/// The writer actor, on a sink already [`Sink::open`]ed. `on_commit` is called with each
+/// checkpoint once it is durable. Once `stop` is set, it also makes what it holds durable
+/// whenever it is idle (a graceful stop drains the pipeline before the actors are stopped).
+pub async fn run<S: Sink>(
+    mut sink: S,
+    options: WriterOptions,
+    mut input: Mailbox<SinkEvent>,
+    on_commit: impl Fn(Checkpoint) + Send,
+    mut stop: watch::Receiver<bool>,
+    faults: Faults,
+) -> Result<()> {
+    let name = options.sink.as_str();
+    let mut floor = options.durable;
+    // Items up to `ready` (the newest checkpoint received), then items after it.
+    let mut unit: Vec<SinkItem> = Vec::new();
+    let mut tail: Vec<SinkItem> = Vec::new();
+    let mut ready: Option<Checkpoint> = None;
+    let mut draining = *stop.borrow();
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = if ready.is_some() {
+            match input.try_recv() {
+                Some(e) => e,
+                None => {
+                    flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
+                    continue;
+                }
+            }
+        } else {
+            tokio::select! {
+                event = input.recv() => match event {
+                    Some(e) => e,
+                    None => return Ok(()),
+                },
+                _ = ticks.tick() => {
+                    sink.tick(draining).await?.into_iter().for_each(&on_commit);
+                    continue;
+                }
+                Ok(()) = stop.changed() => {
+                    // Stopping: the source emits no more; make everything held durable
+                    // as soon as it is applied, and keep serving until stopped.
+                    draining = *stop.borrow();
+                    if draining {
+                        sink.tick(true).await?.into_iter().for_each(&on_commit);
+                    }
+                    continue;
+                }
+            }
+        };
+        faults.hit_async("writer", Some(name)).await?;
+        match event {
+            SinkEvent::Items(items) => {
+                match floor {
+                    Some(floor) => tail.extend(after_floor(items, floor)),
+                    None => tail.extend(items),
+                }
+                if rows(&unit) + rows(&tail) >= options.max_unit_rows {
+                    if ready.is_some() {
+                        flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
+                    }
+                    if rows(&tail) >= options.max_unit_rows {
+                        // A transaction larger than a unit: write it into the open transaction.
+                        sink.write(std::mem::take(&mut tail)).await?;
+                    }
+                }
+            }
+            SinkEvent::Checkpoint(cp) if cp.offsets.is_none() && floor.is_some_and(|d| cp.position <= d) => {
+                // A replayed checkpoint: what it closes is durable already.
+                on_commit(cp);
+            }
+            SinkEvent::Checkpoint(cp) => {
+                unit.append(&mut tail);
+                ready = Some(match ready.take() {
+                    Some(older) => Checkpoint::merge(older, cp),
+                    None => cp,
+                });
+                if rows(&unit) >= options.max_unit_rows {
+                    flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
+                }
+            }
+            SinkEvent::SnapshotBegin(targets) => {
+                if ready.is_some() {
+                    flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
+                }
+                sink.snapshot_begin(&targets, &options.stream).await?;
+                floor = None;
+            }
+        }
+    }
+}
+
+async fn flush<S: Sink>(
+    sink: &mut S,
+    options: &WriterOptions,
+    unit: &mut Vec<SinkItem>,
+    ready: &mut Option<Checkpoint>,
+    on_commit: &(impl Fn(Checkpoint) + Send),
+    faults: &Faults,
+) -> Result<()> {
+    let Some(cp) = ready.take() else { return Ok(()) };
+    if !unit.is_empty() {
+        sink.write(std::mem::take(unit)).await?;
+    }
+    // Fault injection point: written but not committed.
+    faults.hit_async("commit", Some(&options.sink)).await?;
+    let offsets = cp.stream_offsets(&options.stream);
+    sink.commit(&cp, offsets).await?.into_iter().for_each(on_commit);
+    Ok(())
+}
+
+/// How to build a sink of any kind, once per writer incarnation.
+#[derive(Debug, Clone)]
+pub enum SinkSpec {
+    Postgres { config: Box<tokio_postgres::Config> },
+    Mysql { url: String },
+    Parquet(parquet::ParquetOptions),
+}
+
+/// A sink of any kind (static dispatch over the three).
+pub enum AnySink {
+    Postgres(Box<db::DbSink<postgres::PgDatabase>>),
+    Mysql(Box<db::DbSink<mysql::MySqlDatabase>>),
+    Parquet(Box<parquet::ParquetSink>),
+}
+
+impl SinkSpec {
+    /// A fresh, unconnected sink named `name`.
+    pub fn build(&self, name: &str) -> Result<AnySink> {
+        Ok(match self {
+            SinkSpec::Postgres { config } => AnySink::Postgres(Box::new(db::DbSink::new(
+                name,
+                postgres::PgDatabase::new(config.as_ref().clone(), name),
+            ))),
+            SinkSpec::Mysql { url } => {
+                AnySink::Mysql(Box::new(db::DbSink::new(name, mysql::MySqlDatabase::new(url, name)?)))
+            }
+            SinkSpec::Parquet(options) => AnySink::Parquet(Box::new(parquet::ParquetSink::new(name, options.clone()))),
+        })
+    }
+}
+
+macro_rules! each_sink {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            AnySink::Postgres($s) => $body,
+            AnySink::Mysql($s) => $body,
+            AnySink::Parquet($s) => $body,
+        }
+    };
+}
+
+impl Sink for AnySink {
+    async fn open(&mut self) -> Result<Vec<StreamOffset>> {
+        each_sink!(self, s => s.open().await)
+    }
+
+    async fn offsets(&mut self) -> Result<Vec<StreamOffset>> {
+        each_sink!(self, s => s.offsets().await)
+    }
+
+    async fn write(&mut self, items: Vec<SinkItem>) -> Result<()> {
+        each_sink!(self, s => s.write(items).await)
+    }
+
+    async fn commit(&mut self, checkpoint: &Checkpoint, offsets: Vec<StreamOffset>) -> Result<Vec<Checkpoint>> {
+        each_sink!(self, s => s.commit(checkpoint, offsets).await)
+    }
+
+    async fn tick(&mut self, force: bool) -> Result<Vec<Checkpoint>> {
+        each_sink!(self, s => s.tick(force).await)
+    }
+
+    async fn snapshot_begin(&mut self, targets: &[Arc<TargetTable>], stream: &str) -> Result<()> {
+        each_sink!(self, s => s.snapshot_begin(targets, stream).await)
+    }
+}

@@ -1,0 +1,525 @@
+//! The MySQL/MariaDB sink: multi-row `INSERT ... ON DUPLICATE KEY UPDATE`, `UPDATE ... JOIN`
+//! a derived table for partial updates, `DELETE ... WHERE key IN (...)`, in one transaction
+//! with the offsets in `sluice_offsets`.
+//!
+//! The session runs in UTC with strict SQL mode, so a value the column cannot hold is an
+//! error (and the row a dead letter), never silently truncated. A target schema `public` is
+//! the connection's database; any other schema names a database. Statements are cut into
+//! chunks of at most [`MAX_ROWS_PER_STATEMENT`] rows to stay under `max_allowed_packet`.
+
+use std::sync::Arc;
+
+use arrow::array::ArrayRef;
+use arrow::datatypes::{DataType, Field};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, Row as MyRow};
+
+use crate::error::{Context, Error, Result};
+use crate::mapper::DeadLetter;
+use crate::mapper::plan::{DEFAULT_TARGET_SCHEMA, TargetTable};
+use crate::message::{Position, StreamOffset};
+use crate::schema::{PG_TYPE_METADATA, PgType};
+use crate::sink::db::{Database, PartOp};
+use crate::sink::encode::{Unrepresentable, write_mysql_literal};
+use crate::sink::reduce::Part;
+
+/// Rows per generated statement.
+pub const MAX_ROWS_PER_STATEMENT: usize = 1000;
+
+const SETUP_SQL: &str = "\
+CREATE TABLE IF NOT EXISTS sluice_offsets (
+    sink VARCHAR(191) NOT NULL,
+    stream VARCHAR(191) NOT NULL,
+    part INT NOT NULL,
+    next_offset BIGINT NOT NULL,
+    lsn BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    generation BIGINT NOT NULL DEFAULT 0,
+    updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (sink, stream, part)
+) ENGINE=InnoDB;
+CREATE TABLE IF NOT EXISTS sluice_dead_letter (
+    id BIGINT AUTO_INCREMENT PRIMARY KEY,
+    sink VARCHAR(191) NOT NULL,
+    source_table VARCHAR(255) NOT NULL,
+    target_table VARCHAR(255),
+    op VARCHAR(8) NOT NULL,
+    lsn BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    error TEXT NOT NULL,
+    `change` LONGTEXT NOT NULL,
+    created_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)
+) ENGINE=InnoDB";
+
+const SESSION_SQL: &str = "SET time_zone = '+00:00', \
+    sql_mode = 'STRICT_ALL_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION', \
+    autocommit = 1";
+
+pub fn quote(ident: &str) -> String {
+    format!("`{}`", ident.replace('`', "``"))
+}
+
+/// The table's name in MySQL: `public` is the connection's database.
+pub fn table_name(target: &TargetTable) -> String {
+    if target.name.schema == DEFAULT_TARGET_SCHEMA {
+        quote(&target.name.name)
+    } else {
+        format!("{}.{}", quote(&target.name.schema), quote(&target.name.name))
+    }
+}
+
+/// The MySQL type a target column is created with (DESIGN.md type table).
+pub fn column_type(field: &Field, key: bool) -> String {
+    let pg = field.metadata().get(PG_TYPE_METADATA).map(|p| PgType::from_type_name(p));
+    match field.data_type() {
+        DataType::Boolean => "TINYINT(1)".into(),
+        DataType::Int16 => "SMALLINT".into(),
+        DataType::Int32 => "INT".into(),
+        DataType::Int64 => "BIGINT".into(),
+        DataType::Float32 => "FLOAT".into(),
+        DataType::Float64 => "DOUBLE".into(),
+        DataType::Decimal128(p, s) => {
+            let s = (*s).max(0) as u8;
+            format!("DECIMAL({},{})", (*p).clamp(1, 65).max(s), s.min(30))
+        }
+        DataType::Utf8 => match pg {
+            Some(PgType::Json | PgType::Jsonb) if !key => "JSON".into(),
+            Some(PgType::Uuid) => "CHAR(36)".into(),
+            Some(PgType::Numeric(_)) if key => "VARCHAR(100)".into(),
+            Some(PgType::Text(name)) if name.starts_with("character varying(") || name.starts_with("varchar(") => {
+                let n: u32 = name.split(['(', ')']).nth(1).and_then(|n| n.parse().ok()).unwrap_or(255);
+                if n <= 16_383 { format!("VARCHAR({n})") } else { "LONGTEXT".into() }
+            }
+            _ if key => "VARCHAR(255)".into(),
+            _ => "LONGTEXT".into(),
+        },
+        DataType::Binary => if key { "VARBINARY(255)" } else { "LONGBLOB" }.into(),
+        DataType::Date32 => "DATE".into(),
+        DataType::Time64(_) => "TIME(6)".into(),
+        DataType::Timestamp(_, _) => "DATETIME(6)".into(),
+        DataType::Interval(_) => "VARCHAR(64)".into(),
+        DataType::List(_) => "JSON".into(),
+        _ => "LONGTEXT".into(),
+    }
+}
+
+pub fn create_table_sql(target: &TargetTable) -> String {
+    let columns: Vec<String> = target
+        .schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let key = target.key.contains(&i);
+            format!("{} {}{}", quote(f.name()), column_type(f, key), if key { " NOT NULL" } else { "" })
+        })
+        .collect();
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({})) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+        table_name(target),
+        columns.join(", "),
+        key_columns(target).join(", ")
+    )
+}
+
+fn key_columns(target: &TargetTable) -> Vec<String> {
+    target.key.iter().map(|&k| quote(target.schema.field(k).name())).collect()
+}
+
+fn literal_row(out: &mut String, arrays: &[&ArrayRef], row: usize) -> Result<(), Unrepresentable> {
+    out.push('(');
+    for (i, a) in arrays.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_mysql_literal(out, a, row)?;
+    }
+    out.push(')');
+    Ok(())
+}
+
+/// `INSERT ... VALUES ... ON DUPLICATE KEY UPDATE` for rows `range` of `part`.
+pub fn upsert_sql(target: &TargetTable, part: &Part, range: std::ops::Range<usize>) -> Result<String, Unrepresentable> {
+    let fields = target.schema.fields();
+    let cols: Vec<String> = fields.iter().map(|f| quote(f.name())).collect();
+    let arrays: Vec<&ArrayRef> = part.rows.columns().iter().collect();
+    let mut sql = format!("INSERT INTO {} ({}) VALUES ", table_name(target), cols.join(", "));
+    for (n, r) in range.enumerate() {
+        if n > 0 {
+            sql.push(',');
+        }
+        literal_row(&mut sql, &arrays, r)?;
+    }
+    let updates: Vec<String> =
+        (0..fields.len()).filter(|i| !target.key.contains(i)).map(|i| format!("{0} = VALUES({0})", cols[i])).collect();
+    let updates = if updates.is_empty() { format!("{0} = {0}", cols[target.key[0]]) } else { updates.join(", ") };
+    sql.push_str(" ON DUPLICATE KEY UPDATE ");
+    sql.push_str(&updates);
+    Ok(sql)
+}
+
+/// `UPDATE t JOIN (rows) s ON key SET columns`, leaving `unchanged` columns; `None` when
+/// no column is left to set.
+pub fn update_sql(
+    target: &TargetTable,
+    part: &Part,
+    range: std::ops::Range<usize>,
+    unchanged: &[bool],
+) -> Result<Option<String>, Unrepresentable> {
+    let fields = target.schema.fields();
+    let set: Vec<usize> =
+        (0..fields.len()).filter(|i| !target.key.contains(i) && !unchanged.get(*i).copied().unwrap_or(false)).collect();
+    if set.is_empty() {
+        return Ok(None);
+    }
+    let used: Vec<usize> = target.key.iter().copied().chain(set.iter().copied()).collect();
+    let mut derived = String::new();
+    for (n, r) in range.enumerate() {
+        derived.push_str(if n == 0 { "SELECT " } else { " UNION ALL SELECT " });
+        for (j, &c) in used.iter().enumerate() {
+            if j > 0 {
+                derived.push_str(", ");
+            }
+            write_mysql_literal(&mut derived, part.rows.column(c), r)?;
+            if n == 0 {
+                derived.push_str(" AS ");
+                derived.push_str(&quote(fields[c].name()));
+            }
+        }
+    }
+    let on: Vec<String> = key_columns(target).iter().map(|k| format!("t.{k} = s.{k}")).collect();
+    let sets: Vec<String> = set.iter().map(|&c| format!("t.{0} = s.{0}", quote(fields[c].name()))).collect();
+    Ok(Some(format!(
+        "UPDATE {} t JOIN ({derived}) s ON {} SET {}",
+        table_name(target),
+        on.join(" AND "),
+        sets.join(", ")
+    )))
+}
+
+/// `DELETE ... WHERE key IN (...)` for rows `range` of `part`.
+pub fn delete_sql(target: &TargetTable, part: &Part, range: std::ops::Range<usize>) -> Result<String, Unrepresentable> {
+    let keys = key_columns(target);
+    let arrays: Vec<&ArrayRef> = target.key.iter().map(|&k| part.rows.column(k)).collect();
+    let mut sql = format!("DELETE FROM {} WHERE ({}) IN (", table_name(target), keys.join(", "));
+    for (n, r) in range.enumerate() {
+        if n > 0 {
+            sql.push(',');
+        }
+        literal_row(&mut sql, &arrays, r)?;
+    }
+    sql.push(')');
+    Ok(sql)
+}
+
+/// The MySQL/MariaDB sink's database.
+pub struct MySqlDatabase {
+    opts: Opts,
+    conn: Option<Conn>,
+    describe: String,
+}
+
+impl MySqlDatabase {
+    pub fn new(url: &str, describe: impl Into<String>) -> Result<Self> {
+        let describe = describe.into();
+        let opts = Opts::from_url(url).map_err(|e| Error::Fatal(format!("sink {describe}: bad MySQL URL: {e}")))?;
+        Ok(Self { opts, conn: None, describe })
+    }
+
+    fn conn(&mut self) -> Result<&mut Conn> {
+        self.conn.as_mut().ok_or_else(|| Error::Fatal("internal: sink used before connect".into()))
+    }
+
+    async fn exec(&mut self, sql: String) -> Result<()> {
+        let what = format!("{}: {}", self.describe, sql.split_whitespace().take(4).collect::<Vec<_>>().join(" "));
+        self.conn()?.query_drop(sql).await.context(what)
+    }
+
+    fn database(&self) -> String {
+        self.opts.db_name().unwrap_or("").to_string()
+    }
+}
+
+impl Database for MySqlDatabase {
+    async fn connect(&mut self) -> Result<()> {
+        if let Some(old) = self.conn.take() {
+            drop(old);
+        }
+        let mut conn = Conn::new(self.opts.clone()).await.context(format!("connect to sink {}", self.describe))?;
+        conn.query_drop(SESSION_SQL).await.context(format!("{}: configure session", self.describe))?;
+        conn.query_drop(SETUP_SQL).await.context(format!("{}: create sluice tables", self.describe))?;
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    async fn read_offsets(&mut self, sink: &str) -> Result<Vec<StreamOffset>> {
+        let describe = self.describe.clone();
+        let rows: Vec<MyRow> = self
+            .conn()?
+            .exec("SELECT stream, part, next_offset, lsn, seq, generation FROM sluice_offsets WHERE sink = ?", (sink,))
+            .await
+            .context(format!("{describe}: read offsets"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let (stream, partition, next_offset, lsn, seq, generation): (String, i32, i64, i64, i64, i64) =
+                    mysql_async::from_row(r);
+                StreamOffset {
+                    stream,
+                    partition,
+                    next_offset,
+                    position: Position { lsn: lsn as u64, seq: seq as u64 },
+                    generation: generation as u64,
+                    from_offset: None,
+                }
+            })
+            .collect())
+    }
+
+    async fn begin(&mut self) -> Result<()> {
+        self.exec("START TRANSACTION".into()).await
+    }
+
+    async fn ensure_table(&mut self, target: &Arc<TargetTable>) -> Result<()> {
+        let schema =
+            if target.name.schema == DEFAULT_TARGET_SCHEMA { self.database() } else { target.name.schema.clone() };
+        let describe = self.describe.clone();
+        if target.name.schema != DEFAULT_TARGET_SCHEMA {
+            self.exec(format!("CREATE DATABASE IF NOT EXISTS {}", quote(&schema))).await?;
+        }
+        let existing: Vec<(String, String)> = self
+            .conn()?
+            .exec(
+                "SELECT column_name, column_type FROM information_schema.columns WHERE table_schema = ? AND table_name = ?",
+                (schema.as_str(), target.name.name.as_str()),
+            )
+            .await
+            .context(format!("{describe}: describe {}", target.name))?;
+        if existing.is_empty() {
+            self.exec(create_table_sql(target)).await?;
+            tracing::info!(sink = %describe, table = %target.name, "created target table");
+            return Ok(());
+        }
+        for (i, f) in target.schema.fields().iter().enumerate() {
+            if existing.iter().any(|(c, _)| c.eq_ignore_ascii_case(f.name())) {
+                continue;
+            }
+            if target.key.contains(&i) {
+                return Err(Error::Fatal(format!(
+                    "sink {describe}: table {} lacks the key column {}",
+                    target.name,
+                    f.name()
+                )));
+            }
+            self.exec(format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                table_name(target),
+                quote(f.name()),
+                column_type(f, false)
+            ))
+            .await?;
+            tracing::info!(sink = %describe, table = %target.name, column = %f.name(), "added target column");
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, target: &TargetTable, op: PartOp<'_>, part: &Part) -> Result<()> {
+        let n = part.len();
+        let mut start = 0;
+        while start < n {
+            let range = start..(start + MAX_ROWS_PER_STATEMENT).min(n);
+            start = range.end;
+            let sql = match op {
+                PartOp::Upsert => upsert_sql(target, part, range).map(Some),
+                PartOp::Delete => delete_sql(target, part, range).map(Some),
+                PartOp::Update(unchanged) => update_sql(target, part, range, unchanged),
+            };
+            let sql = match sql {
+                Ok(Some(sql)) => sql,
+                Ok(None) => return Ok(()),
+                // The bisection isolates the row with the value MySQL cannot hold.
+                Err(e) => return Err(Error::Rejected(format!("sink {}: table {}: {e}", self.describe, target.name))),
+            };
+            self.exec(sql).await?;
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, target: &TargetTable) -> Result<()> {
+        // TRUNCATE would commit implicitly; DELETE stays in the transaction.
+        self.exec(format!("DELETE FROM {}", table_name(target))).await
+    }
+
+    async fn savepoint(&mut self) -> Result<()> {
+        self.exec("SAVEPOINT sluice_part".into()).await
+    }
+
+    async fn release_savepoint(&mut self) -> Result<()> {
+        self.exec("RELEASE SAVEPOINT sluice_part".into()).await
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> Result<()> {
+        self.exec("ROLLBACK TO SAVEPOINT sluice_part".into()).await
+    }
+
+    async fn dead_letters(&mut self, sink: &str, letters: &[DeadLetter]) -> Result<()> {
+        let describe = self.describe.clone();
+        let params: Vec<_> = letters
+            .iter()
+            .map(|d| {
+                (
+                    sink.to_string(),
+                    d.source.to_string(),
+                    d.target.as_ref().map(|t| t.to_string()),
+                    d.op.code(),
+                    d.position.lsn as i64,
+                    d.position.seq as i64,
+                    d.error.clone(),
+                    d.change.clone(),
+                )
+            })
+            .collect();
+        let conn = self.conn()?;
+        for p in params {
+            conn.exec_drop(
+                "INSERT INTO sluice_dead_letter (sink, source_table, target_table, op, lsn, seq, error, `change`) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                mysql_async::Params::Positional(vec![
+                    p.0.into(),
+                    p.1.into(),
+                    p.2.into(),
+                    p.3.into(),
+                    p.4.into(),
+                    p.5.into(),
+                    p.6.into(),
+                    p.7.into(),
+                ]),
+            )
+            .await
+            .context(format!("{describe}: write dead letters"))?;
+        }
+        Ok(())
+    }
+
+    async fn clear_offsets(&mut self, sink: &str, stream: &str) -> Result<()> {
+        let describe = self.describe.clone();
+        self.conn()?
+            .exec_drop("DELETE FROM sluice_offsets WHERE sink = ? AND stream = ?", (sink, stream))
+            .await
+            .context(format!("{describe}: clear offsets"))
+    }
+
+    async fn commit(&mut self, sink: &str, offsets: &[StreamOffset]) -> Result<()> {
+        let describe = self.describe.clone();
+        for o in offsets {
+            // Compare-and-set per partition (see StreamOffset::from_offset): with a starting
+            // offset, the stored one is replaced only if it still is that offset.
+            let sql = match o.from_offset {
+                None => "INSERT INTO sluice_offsets (sink, stream, part, next_offset, lsn, seq, generation) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?) \
+                         ON DUPLICATE KEY UPDATE next_offset = VALUES(next_offset), lsn = VALUES(lsn), seq = VALUES(seq), \
+                         generation = VALUES(generation), updated_at = CURRENT_TIMESTAMP(6)"
+                    .to_string(),
+                Some(from) => format!(
+                    "INSERT INTO sluice_offsets (sink, stream, part, next_offset, lsn, seq, generation) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?) \
+                     ON DUPLICATE KEY UPDATE updated_at = IF(next_offset = {from}, CURRENT_TIMESTAMP(6), updated_at), \
+                     lsn = IF(next_offset = {from}, VALUES(lsn), lsn), seq = IF(next_offset = {from}, VALUES(seq), seq), \
+                     generation = IF(next_offset = {from}, VALUES(generation), generation), \
+                     next_offset = IF(next_offset = {from}, VALUES(next_offset), next_offset)"
+                ),
+            };
+            let conn = self.conn()?;
+            conn.exec_drop(
+                sql,
+                (
+                    sink,
+                    o.stream.as_str(),
+                    o.partition,
+                    o.next_offset,
+                    o.position.lsn as i64,
+                    o.position.seq as i64,
+                    o.generation as i64,
+                ),
+            )
+            .await
+            .context(format!("{describe}: store offsets"))?;
+            if o.from_offset.is_some() && conn.affected_rows() == 0 {
+                let _ = conn.query_drop("ROLLBACK").await;
+                return Err(Error::Restart(format!(
+                    "sink {describe}: another consumer applied partition {}/{} meanwhile; this unit is abandoned",
+                    o.stream, o.partition
+                )));
+            }
+        }
+        self.exec("COMMIT".into()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapper::RowMeta;
+    use crate::message::Op;
+    use crate::schema::TableId;
+    use arrow::array::{Int64Array, RecordBatch, StringArray};
+    use arrow::datatypes::Schema;
+    use std::collections::HashMap;
+
+    fn target() -> TargetTable {
+        let json = Field::new("attrs", DataType::Utf8, true)
+            .with_metadata(HashMap::from([(PG_TYPE_METADATA.to_string(), "jsonb".to_string())]));
+        TargetTable {
+            name: TableId::new("public", "users"),
+            source: TableId::new("public", "users"),
+            schema: Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, true),
+                Field::new("name", DataType::Utf8, true),
+                json,
+            ])),
+            key: vec![0],
+        }
+    }
+
+    fn part(t: &TargetTable) -> Part {
+        let rows = RecordBatch::try_new(
+            t.schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2])),
+                Arc::new(StringArray::from(vec![Some("o'hara"), None])),
+                Arc::new(StringArray::from(vec![Some("{}"), Some("[1]")])),
+            ],
+        )
+        .unwrap();
+        let meta = RowMeta { op: Op::Insert, position: Position::START, commit_micros: 0, lsn: 0, xid: 0 };
+        Part { rows, meta: vec![meta; 2] }
+    }
+
+    #[test]
+    fn ddl_maps_types() {
+        assert_eq!(
+            create_table_sql(&target()),
+            "CREATE TABLE IF NOT EXISTS `users` (`id` BIGINT NOT NULL, `name` LONGTEXT, `attrs` JSON, PRIMARY KEY (`id`)) \
+             ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+        );
+        assert_eq!(column_type(&Field::new("k", DataType::Utf8, true), true), "VARCHAR(255)");
+        assert_eq!(column_type(&Field::new("d", DataType::Decimal128(12, 2), true), false), "DECIMAL(12,2)");
+    }
+
+    #[test]
+    fn statements_are_multi_row() {
+        let t = target();
+        let p = part(&t);
+        assert_eq!(
+            upsert_sql(&t, &p, 0..2).unwrap(),
+            "INSERT INTO `users` (`id`, `name`, `attrs`) VALUES (1,'o''hara','{}'),(2,NULL,'[1]') \
+             ON DUPLICATE KEY UPDATE `name` = VALUES(`name`), `attrs` = VALUES(`attrs`)"
+        );
+        assert_eq!(delete_sql(&t, &p, 0..2).unwrap(), "DELETE FROM `users` WHERE (`id`) IN ((1),(2))");
+        assert_eq!(
+            update_sql(&t, &p, 0..2, &[false, false, true]).unwrap().unwrap(),
+            "UPDATE `users` t JOIN (SELECT 1 AS `id`, 'o''hara' AS `name` UNION ALL SELECT 2, NULL) s ON t.`id` = s.`id` SET t.`name` = s.`name`"
+        );
+        assert!(update_sql(&t, &p, 0..2, &[false, true, true]).unwrap().is_none());
+    }
+}

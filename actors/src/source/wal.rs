@@ -1,0 +1,354 @@
+//! The WAL reader actor: streams committed transactions from the replication slot.
+//!
+//! ```text
+//!   PostgreSQL ──pgoutput──► WalReader ──Data..Data,Checkpoint(commit_lsn, end_lsn)──► downstream
+//!       ▲                                                                               │
+//!       └──── standby status: flush = confirm_lsn ◄── min over sinks of acknowledged ◄──┘
+//! ```
+//!
+//! Why each confirmed LSN is safe: the reader confirms a transaction's `end_lsn` only when
+//! every downstream acknowledged the checkpoint that closes that transaction, i.e. made it
+//! durable. PostgreSQL resends every transaction that commits after the confirmed LSN, so a
+//! crash anywhere replays work (downstream skips it by position) but never skips any.
+//! When idle (everything emitted is acknowledged), a keepalive's WAL position becomes a
+//! heartbeat checkpoint at `wal_end - 1`: every commit before `wal_end` has been streamed,
+//! and every later one has a commit LSN of at least `wal_end`, so it still sorts after the
+//! heartbeat; the slot then advances on a database whose tables do not change.
+//!
+//! Schema changes: a Relation message that differs from the table's current schema makes a
+//! new [`TableSchema`] version; the batch in progress is flushed first, so every batch
+//! carries the schema its rows follow.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::fault::Faults;
+use crate::mailbox::Sender;
+use crate::message::{Change, ChangeBatch, Checkpoint, Event, Op, Position};
+use crate::metrics as m;
+use crate::schema::{Column, PgType, TableId, TableSchema};
+use crate::source::catalog;
+use crate::source::pgoutput::{self, Message, OldImage, Relation, TupleValue};
+use crate::value::Value;
+
+/// Microseconds between the PostgreSQL epoch (2000-01-01) and the Unix epoch.
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// How the reader batches and beats.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// Changes per batch at most.
+    pub batch_rows: usize,
+    /// Minimum time between heartbeat checkpoints on an idle stream.
+    pub heartbeat: Duration,
+}
+
+struct Txn {
+    commit_lsn: u64,
+    xid: u32,
+    commit_micros: i64,
+    seq: u64,
+    batch: Option<ChangeBatch>,
+}
+
+/// Decoding state that survives reconnections: relation and type caches, current schemas.
+pub struct WalState {
+    tables: HashSet<TableId>,
+    /// Current schema per configured table (shared with the snapshot's versions).
+    pub schemas: HashMap<TableId, Arc<TableSchema>>,
+    relations: HashMap<u32, Option<Arc<TableSchema>>>,
+    types: HashMap<(u32, i32), PgType>,
+}
+
+impl WalState {
+    pub fn new(schemas: HashMap<TableId, Arc<TableSchema>>) -> Self {
+        Self { tables: schemas.keys().cloned().collect(), schemas, relations: HashMap::new(), types: HashMap::new() }
+    }
+}
+
+/// Streams until `stop` is set or the connection fails. Returns `Ok(true)` when stopped and
+/// drained (everything emitted acknowledged), `Ok(false)` when a rewind was requested.
+#[allow(clippy::too_many_arguments)]
+pub async fn stream(
+    repl: &mut ReplicationClient,
+    catalog_client: &tokio_postgres::Client,
+    state: &mut WalState,
+    options: &WalOptions,
+    out: &Sender<Event>,
+    confirm: &mut watch::Receiver<u64>,
+    rewind: &mut watch::Receiver<u64>,
+    stop: &mut watch::Receiver<bool>,
+    faults: &Faults,
+) -> Result<bool> {
+    let mut txn: Option<Txn> = None;
+    let mut last_emitted_confirm: u64 = *confirm.borrow();
+    let mut last_heartbeat = Instant::now();
+    let mut confirmed = *confirm.borrow_and_update();
+    rewind.borrow_and_update();
+    let replication_metrics = repl.metrics();
+    loop {
+        let event = tokio::select! {
+            biased;
+            Ok(()) = stop.changed() => {
+                if *stop.borrow() {
+                    return drain(repl, confirm, last_emitted_confirm).await.map(|_| true);
+                }
+                continue;
+            }
+            Ok(()) = rewind.changed() => {
+                tracing::info!("rewind requested: reconnecting the replication stream at the confirmed position");
+                return Ok(false);
+            }
+            changed = confirm.changed() => {
+                if changed.is_ok() {
+                    confirmed = *confirm.borrow_and_update();
+                    repl.update_applied_lsn(Lsn::from_u64(confirmed));
+                    metrics::gauge!(m::SOURCE_CONFIRMED_LSN).set(confirmed as f64);
+                }
+                continue;
+            }
+            event = repl.recv() => event,
+        };
+        let event = match event {
+            Ok(Some(e)) => e,
+            Ok(None) => return Err(Error::Protocol("replication stream ended".into())),
+            Err(source) => return Err(Error::Replication { context: "read replication stream".into(), source }),
+        };
+        match event {
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                let wal_end = wal_end.as_u64();
+                metrics::gauge!(m::SOURCE_LAG_BYTES).set(wal_end.saturating_sub(confirmed) as f64);
+                let idle = txn.is_none() && confirmed >= last_emitted_confirm;
+                if idle && wal_end > last_emitted_confirm.max(1) && last_heartbeat.elapsed() >= options.heartbeat {
+                    last_heartbeat = Instant::now();
+                    last_emitted_confirm = wal_end;
+                    let position = Position { lsn: wal_end - 1, seq: Position::END };
+                    out.send(Event::Checkpoint(Checkpoint::source(position, Some(wal_end)))).await?;
+                }
+            }
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                txn = Some(Txn {
+                    commit_lsn: final_lsn.as_u64(),
+                    xid,
+                    commit_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
+                    seq: 0,
+                    batch: None,
+                });
+            }
+            ReplicationEvent::Commit { lsn, end_lsn, .. } => {
+                let Some(mut t) = txn.take() else {
+                    return Err(Error::Protocol("Commit without Begin in the replication stream".into()));
+                };
+                faults.hit("wal")?;
+                if let Some(batch) = t.batch.take() {
+                    out.send(Event::Data(Arc::new(batch))).await?;
+                }
+                let end = end_lsn.as_u64();
+                let position = Position::txn_end(lsn.as_u64());
+                out.send(Event::Checkpoint(Checkpoint::source(position, Some(end)))).await?;
+                last_emitted_confirm = end;
+                let lag = replication_metrics.last_wal_end().as_u64().saturating_sub(confirmed);
+                metrics::gauge!(m::SOURCE_LAG_BYTES).set(lag as f64);
+            }
+            ReplicationEvent::XLogData { wal_start, data, .. } => {
+                let message = pgoutput::decode(data).map_err(|e| Error::Protocol(e.to_string()))?;
+                handle_message(message, wal_start.as_u64(), &mut txn, catalog_client, state, options, out).await?;
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+        }
+    }
+}
+
+/// Waits (bounded by the caller's deadline) until everything emitted is confirmed, then
+/// until the server was told.
+async fn drain(repl: &mut ReplicationClient, confirm: &mut watch::Receiver<u64>, target: u64) -> Result<()> {
+    while *confirm.borrow_and_update() < target {
+        if confirm.changed().await.is_err() {
+            break;
+        }
+    }
+    let confirmed = *confirm.borrow();
+    repl.update_applied_lsn(Lsn::from_u64(confirmed));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while repl.metrics().last_applied_lsn().as_u64() < confirmed && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(confirmed_lsn = %Lsn::from_u64(confirmed), "source drained");
+    let _ = repl.shutdown().await;
+    Ok(())
+}
+
+async fn handle_message(
+    message: Message,
+    lsn: u64,
+    txn: &mut Option<Txn>,
+    catalog_client: &tokio_postgres::Client,
+    state: &mut WalState,
+    options: &WalOptions,
+    out: &Sender<Event>,
+) -> Result<()> {
+    match message {
+        Message::Relation(rel) => {
+            let schema = relation_schema(&rel, catalog_client, state).await?;
+            if let Some(schema) = &schema {
+                // A batch of the old version must not carry rows of the new one.
+                if let Some(t) = txn.as_mut()
+                    && t.batch.as_ref().is_some_and(|b| b.table == schema.id && !Arc::ptr_eq(&b.schema, schema))
+                    && let Some(batch) = t.batch.take()
+                {
+                    out.send(Event::Data(Arc::new(batch))).await?;
+                }
+            }
+            state.relations.insert(rel.oid, schema);
+        }
+        Message::Insert { relation, new } => {
+            let Some(schema) = lookup(state, relation)? else { return Ok(()) };
+            let after = decode(&schema, &new)?;
+            push(txn, schema, Op::Insert, None, Some(after), lsn, options, out).await?;
+        }
+        Message::Update { relation, old, new } => {
+            let Some(schema) = lookup(state, relation)? else { return Ok(()) };
+            let before = old.as_ref().map(|(_, t)| decode(&schema, t)).transpose()?;
+            let mut after = decode(&schema, &new)?;
+            // With the whole old row at hand, an unchanged TOAST value is known.
+            if let (Some((OldImage::Full, _)), Some(before)) = (&old, &before) {
+                for (a, b) in after.iter_mut().zip(before) {
+                    if matches!(a, Value::Unchanged) && !matches!(b, Value::Unchanged) {
+                        *a = b.clone();
+                    }
+                }
+            }
+            push(txn, schema, Op::Update, before, Some(after), lsn, options, out).await?;
+        }
+        Message::Delete { relation, old } => {
+            let Some(schema) = lookup(state, relation)? else { return Ok(()) };
+            let before = decode(&schema, &old.1)?;
+            push(txn, schema, Op::Delete, Some(before), None, lsn, options, out).await?;
+        }
+        Message::Truncate { relations, .. } => {
+            for relation in relations {
+                if let Some(schema) = lookup(state, relation)? {
+                    push(txn, schema, Op::Truncate, None, None, lsn, options, out).await?;
+                }
+            }
+        }
+        Message::Type { .. } | Message::Origin { .. } | Message::Message { .. } => {}
+        Message::Begin { .. } | Message::Commit { .. } => {
+            return Err(Error::Protocol("unexpected Begin/Commit inside XLogData".into()));
+        }
+    }
+    Ok(())
+}
+
+fn lookup(state: &WalState, relation: u32) -> Result<Option<Arc<TableSchema>>> {
+    match state.relations.get(&relation) {
+        Some(schema) => Ok(schema.clone()),
+        None => Err(Error::Protocol(format!("change for relation {relation} before its Relation message"))),
+    }
+}
+
+fn decode(schema: &TableSchema, tuple: &[TupleValue]) -> Result<Vec<Value>> {
+    pgoutput::decode_tuple(schema.columns.iter().map(|c| (c.name.as_str(), &c.pg_type)), tuple)
+        .map_err(|e| Error::Protocol(format!("table {}: {e}", schema.id)))
+}
+
+/// The schema a Relation message describes, as a new version if it changed; `None` for
+/// tables sluice does not replicate.
+async fn relation_schema(
+    rel: &Relation,
+    catalog_client: &tokio_postgres::Client,
+    state: &mut WalState,
+) -> Result<Option<Arc<TableSchema>>> {
+    let id = TableId::new(&rel.namespace, &rel.name);
+    if !state.tables.contains(&id) {
+        return Ok(None);
+    }
+    let previous = state.schemas.get(&id).cloned();
+    // REPLICA IDENTITY FULL flags every column as key: the primary key comes from the catalog.
+    let all_flagged = rel.columns.iter().all(|c| c.key);
+    let primary_key = if all_flagged { catalog::primary_key(catalog_client, &id).await? } else { Vec::new() };
+    let mut columns = Vec::with_capacity(rel.columns.len());
+    for c in &rel.columns {
+        let pg_type = catalog::resolve_type(catalog_client, c.type_oid, c.type_modifier, &mut state.types).await?;
+        let key = if all_flagged && !primary_key.is_empty() { primary_key.contains(&c.name) } else { c.key };
+        let nullable = previous
+            .as_ref()
+            .and_then(|p| p.columns.iter().find(|pc| pc.name == c.name && pc.pg_type == pg_type))
+            .map(|pc| pc.nullable)
+            .unwrap_or(true);
+        columns.push(Column { name: c.name.clone(), pg_type, nullable, key });
+    }
+    let candidate = TableSchema {
+        id: id.clone(),
+        version: previous.as_ref().map_or(1, |p| p.version),
+        columns,
+        replica_identity: rel.replica_identity,
+    };
+    let schema = match previous {
+        Some(p) if same_columns(&p, &candidate) => p,
+        Some(p) => {
+            let next = Arc::new(TableSchema { version: p.version + 1, ..candidate });
+            tracing::info!(table = %id, version = next.version, "source schema changed");
+            next
+        }
+        None => Arc::new(candidate),
+    };
+    state.schemas.insert(id, schema.clone());
+    Ok(Some(schema))
+}
+
+/// Columns equal by name, type and key; nullability is not in Relation messages.
+fn same_columns(a: &TableSchema, b: &TableSchema) -> bool {
+    a.columns.len() == b.columns.len()
+        && a.columns.iter().zip(&b.columns).all(|(x, y)| x.name == y.name && x.pg_type == y.pg_type && x.key == y.key)
+        && a.replica_identity == b.replica_identity
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn push(
+    txn: &mut Option<Txn>,
+    schema: Arc<TableSchema>,
+    op: Op,
+    before: Option<Vec<Value>>,
+    after: Option<Vec<Value>>,
+    lsn: u64,
+    options: &WalOptions,
+    out: &Sender<Event>,
+) -> Result<()> {
+    let Some(t) = txn.as_mut() else {
+        return Err(Error::Protocol("row change outside a transaction".into()));
+    };
+    t.seq += 1;
+    let change = Change {
+        op,
+        before,
+        after,
+        position: Position { lsn: t.commit_lsn, seq: t.seq },
+        lsn,
+        xid: t.xid,
+        commit_micros: t.commit_micros,
+    };
+    metrics::counter!(m::EVENTS_TOTAL, "stage" => "source", "table" => schema.id.to_string()).increment(1);
+    let same_table = t.batch.as_ref().is_some_and(|b| Arc::ptr_eq(&b.schema, &schema));
+    if !same_table && let Some(batch) = t.batch.take() {
+        out.send(Event::Data(Arc::new(batch))).await?;
+    }
+    let batch = t.batch.get_or_insert_with(|| ChangeBatch {
+        table: schema.id.clone(),
+        schema: schema.clone(),
+        changes: Vec::with_capacity(16),
+        snapshot_last: false,
+    });
+    batch.changes.push(change);
+    if batch.changes.len() >= options.batch_rows
+        && let Some(batch) = t.batch.take()
+    {
+        out.send(Event::Data(Arc::new(batch))).await?;
+    }
+    Ok(())
+}

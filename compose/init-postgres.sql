@@ -1,0 +1,3 @@
+-- Databases of the example configurations.
+CREATE DATABASE app;
+CREATE DATABASE replica;

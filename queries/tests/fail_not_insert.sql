@@ -1,0 +1,2 @@
+-- fail: only INSERT INTO target
+UPDATE public.users SET name = 'x';

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The benchmark (not a test): sluice against PostgreSQL's own logical replication on the
+# local services, with a release build. Arguments go to sluice-bench (--help lists them):
+#   scripts/bench.sh                                  # the full run (about 20 minutes)
+#   scripts/bench.sh --rows 100000 --changes 50000    # a quick one
+#   scripts/bench.sh --transports direct --skip-native
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export SLUICE_CACHE="${SLUICE_CACHE:-$HOME/.cache/sluice}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SLUICE_CACHE/target}"
+case " $* " in
+  *" --transports direct "*|*" --transports=direct "*) SLUICE_SKIP_KAFKA=1 compose/native-up.sh ;;
+  *) compose/native-up.sh ;;
+esac
+echo "[bench] building the release binaries (the first build takes a while)"
+cargo build --release --quiet --workspace --bins
+exec "$CARGO_TARGET_DIR/release/sluice-bench" --json "$SLUICE_CACHE/bench/last.json" "$@"

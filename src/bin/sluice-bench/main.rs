@@ -1,0 +1,206 @@
+//! `sluice-bench`: the benchmark that compares sluice with PostgreSQL's own logical
+//! replication on the local services (not a test: it prints figures, asserts nothing).
+//!
+//! For each transport (direct, Kafka) it measures, one after another, with a release
+//! build of `sluice` run as a child process:
+//! 1. snapshot of an N-row `users` table into each sink kind (rows/s);
+//! 2. streaming catch-up: M changes written while the sinks are paused, then drained
+//!    (events/s per sink);
+//! 3. latency: single-row transactions at 100/s, commit -> visible in the PostgreSQL sink
+//!    (p50/p99), from the row's commit-side `updated_at` and a `_visible_at` column the
+//!    benchmark adds to the target table with `DEFAULT clock_timestamp()`;
+//! 4. the daemon's peak RSS (`VmHWM`).
+//!
+//! Then the same through a publication and a subscription into a second database on the
+//! same server (slot created first, `create_slot = false`), and prints one JSON line and
+//! a table with the sluice / native ratios.
+
+#![allow(unreachable_pub)] // a binary: `pub` only shares items between its modules
+
+mod daemon;
+mod native;
+mod scenario;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use serde_json::json;
+
+use crate::scenario::{Bench, Figures, Transport};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "sluice-bench", about = "sluice against PostgreSQL's own logical replication, on the local services")]
+pub struct Args {
+    /// Rows of `users` for the snapshot.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: u64,
+    /// Rows of `users` for the snapshot through Kafka (the local broker is far slower
+    /// than a Kafka cluster); 0: the same as --rows.
+    #[arg(long, default_value_t = 100_000)]
+    pub kafka_rows: u64,
+    /// Changes written while the sinks are paused, for the catch-up.
+    #[arg(long, default_value_t = 500_000)]
+    pub changes: u64,
+    /// Changes for the catch-up through Kafka; 0: the same as --changes.
+    #[arg(long, default_value_t = 100_000)]
+    pub kafka_changes: u64,
+    /// Single-row transactions for the latency, at --latency-rate per second.
+    #[arg(long, default_value_t = 1000)]
+    pub latency_txns: u64,
+    #[arg(long, default_value_t = 100)]
+    pub latency_rate: u64,
+    /// Transports to measure: direct, kafka.
+    #[arg(long, value_delimiter = ',', default_value = "direct,kafka")]
+    pub transports: Vec<String>,
+    /// Skip PostgreSQL's native replication.
+    #[arg(long)]
+    pub skip_native: bool,
+    /// PostgreSQL server (a superuser; databases bench_* are created and dropped).
+    #[arg(long, env = "SLUICE_BENCH_PG", default_value = "postgres://postgres@127.0.0.1:5432")]
+    pub pg: String,
+    #[arg(long, env = "SLUICE_BENCH_MYSQL", default_value = "mysql://root@127.0.0.1:3306")]
+    pub mysql: String,
+    #[arg(long, env = "SLUICE_BENCH_KAFKA", default_value = "127.0.0.1:9092")]
+    pub kafka: String,
+    /// Where the configurations, logs and the lake go.
+    #[arg(long, env = "SLUICE_BENCH_DIR")]
+    pub dir: Option<std::path::PathBuf>,
+    /// Also write the JSON line to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn cell(v: Option<f64>, digits: usize) -> String {
+    v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
+}
+
+fn print_table(results: &[(Transport, Figures)], native: Option<&native::NativeFigures>) {
+    println!();
+    println!("{:<28} {:>14} {:>14} {:>14}", "", "direct", "kafka", "pg native");
+    let get = |t: Transport| results.iter().find(|(x, _)| *x == t).map(|(_, f)| f);
+    let row = |label: &str, f: &dyn Fn(&Figures) -> Option<f64>, n: Option<f64>, digits: usize| {
+        println!(
+            "{label:<28} {:>14} {:>14} {:>14}",
+            cell(get(Transport::Direct).and_then(f), digits),
+            cell(get(Transport::Kafka).and_then(f), digits),
+            cell(n, digits)
+        );
+    };
+    row(
+        "snapshot rows/s  postgres",
+        &|f| f.snapshot.get("postgres").copied(),
+        native.map(|n| n.snapshot_rows_per_s),
+        0,
+    );
+    row("snapshot rows/s  mysql", &|f| f.snapshot.get("mysql").copied(), None, 0);
+    row("snapshot rows/s  parquet", &|f| f.snapshot.get("parquet").copied(), None, 0);
+    row(
+        "catch-up events/s postgres",
+        &|f| f.catchup.get("postgres").copied(),
+        native.map(|n| n.catchup_events_per_s),
+        0,
+    );
+    row("catch-up events/s mysql", &|f| f.catchup.get("mysql").copied(), None, 0);
+    row("catch-up events/s parquet", &|f| f.catchup.get("parquet").copied(), None, 0);
+    row("latency p50 (ms)", &|f| f.latency_p50_ms, native.map(|n| n.latency_p50_ms), 2);
+    row("latency p99 (ms)", &|f| f.latency_p99_ms, native.map(|n| n.latency_p99_ms), 2);
+    row("peak RSS (MB)", &|f| f.peak_rss_mb, None, 1);
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bench = Bench::new(args.clone()).await.context("prepare the benchmark")?;
+    let load_before = load();
+    eprintln!("[bench] machine load before: {load_before}; cores: {}", num_cores());
+    let mut results = Vec::new();
+    for t in &args.transports {
+        let transport = match t.as_str() {
+            "direct" => Transport::Direct,
+            "kafka" => Transport::Kafka,
+            other => anyhow::bail!("--transports: unknown transport {other:?} (direct, kafka)"),
+        };
+        results.push((transport, bench.measure(transport).await.with_context(|| format!("the {t} transport"))?));
+    }
+    let native =
+        if args.skip_native { None } else { Some(native::measure(&bench).await.context("native replication")?) };
+    let load_after = load();
+    let direct = results.iter().find(|(t, _)| *t == Transport::Direct).map(|(_, f)| f);
+    let ratios = native.as_ref().map(|n| {
+        json!({
+            "snapshot": ratio(direct.and_then(|f| f.snapshot.get("postgres").copied()), Some(n.snapshot_rows_per_s)),
+            "catchup": ratio(direct.and_then(|f| f.catchup.get("postgres").copied()), Some(n.catchup_events_per_s)),
+            // Below 1 is better: sluice's p99 over native's.
+            "latency_p99": ratio(direct.and_then(|f| f.latency_p99_ms), Some(n.latency_p99_ms)),
+        })
+    });
+    let line = json!({
+        "bench": "sluice",
+        "cores": num_cores(),
+        "load_before": load_before,
+        "load_after": load_after,
+        "rows": args.rows,
+        "kafka_rows": bench.kafka_rows(),
+        "changes": args.changes,
+        "kafka_changes": bench.kafka_changes(),
+        "latency_txns": args.latency_txns,
+        "results": results.iter().map(|(t, f)| (t.name().to_string(), serde_json::to_value(f).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
+        "native": native,
+        "ratios_direct_over_native": ratios,
+    });
+    println!("{line}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, format!("{line}\n")).with_context(|| format!("write {}", path.display()))?;
+    }
+    print_table(&results, native.as_ref());
+    if let Some(r) = &ratios {
+        println!(
+            "\nsluice (direct) / native: snapshot {}x, catch-up {}x, p99 latency {}x (lower is better)",
+            cell(r["snapshot"].as_f64(), 2),
+            cell(r["catchup"].as_f64(), 2),
+            cell(r["latency_p99"].as_f64(), 2)
+        );
+    }
+    println!("machine: {} cores, load {load_before} before, {load_after} after", num_cores());
+    bench.cleanup().await;
+    Ok(())
+}
+
+fn num_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Polls `check` every `every` until it holds; fails after `timeout` naming `what`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, every: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -1,0 +1,134 @@
+//! The reference: PostgreSQL's own logical replication, a publication and a subscription
+//! into a second database on the same server. The slot is created first and the
+//! subscription uses it (`create_slot = false`), as a subscription in the same cluster must.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::scenario::{Bench, CATCHUP_USERS, count, insert_marker, measure_latency, percentile, pg, workload};
+use crate::wait_for;
+
+#[derive(Debug, Serialize)]
+pub struct NativeFigures {
+    pub snapshot_rows_per_s: f64,
+    pub catchup_events_per_s: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+}
+
+const SUBSCRIBER: &str = "bench_native";
+const LIMIT: Duration = Duration::from_secs(1800);
+
+/// A subscription from `source` (tables users and orders) into a fresh subscriber with
+/// the load generator's schema; returns the subscriber once the subscription exists.
+async fn subscribe(bench: &Bench, source: &str, copy_data: bool) -> anyhow::Result<Client> {
+    bench.fresh_pg(SUBSCRIBER).await?;
+    let subscriber = pg(&bench.url(SUBSCRIBER)).await?;
+    loadgen::create_schema(&subscriber).await?;
+    bench.drop_slot("bench_native").await?;
+    let publisher = pg(&bench.url(source)).await?;
+    publisher
+        .batch_execute(
+            "DROP PUBLICATION IF EXISTS bench_native; CREATE PUBLICATION bench_native FOR TABLE users, orders; \
+             SELECT pg_create_logical_replication_slot('bench_native', 'pgoutput')",
+        )
+        .await
+        .context("publication and slot")?;
+    let conninfo = connection_string(&bench.url(source))?;
+    subscriber
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION bench_native CONNECTION '{conninfo}' PUBLICATION bench_native \
+             WITH (create_slot = false, slot_name = 'bench_native', copy_data = {copy_data})"
+        ))
+        .await
+        .context("create subscription")?;
+    Ok(subscriber)
+}
+
+/// `host=... port=... user=... dbname=...` from a postgres:// URL.
+fn connection_string(url: &str) -> anyhow::Result<String> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".into(),
+    };
+    let mut s = format!(
+        "host={host} port={} user={} dbname={}",
+        config.get_ports().first().copied().unwrap_or(5432),
+        config.get_user().unwrap_or("postgres"),
+        config.get_dbname().unwrap_or("postgres")
+    );
+    if let Some(p) = config.get_password() {
+        s.push_str(&format!(" password={}", String::from_utf8_lossy(p)));
+    }
+    Ok(s)
+}
+
+/// Every table of the subscription copied (`ready` or `synced`).
+async fn synced(subscriber: &Client) -> anyhow::Result<bool> {
+    let pending: i64 = subscriber
+        .query_one("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate NOT IN ('r', 's')", &[])
+        .await?
+        .get(0);
+    let total: i64 = subscriber.query_one("SELECT count(*) FROM pg_subscription_rel", &[]).await?.get(0);
+    Ok(total > 0 && pending == 0)
+}
+
+async fn unsubscribe(bench: &Bench, subscriber: Client, source: &str) -> anyhow::Result<()> {
+    // DROP SUBSCRIPTION also drops the slot on the publisher.
+    subscriber.batch_execute("DROP SUBSCRIPTION IF EXISTS bench_native").await?;
+    drop(subscriber);
+    pg(&bench.url(source)).await?.batch_execute("DROP PUBLICATION IF EXISTS bench_native").await?;
+    bench.drop_slot("bench_native").await?;
+    Ok(())
+}
+
+pub async fn measure(bench: &Bench) -> anyhow::Result<NativeFigures> {
+    // 1. Snapshot: the initial table synchronisation of N users.
+    let rows = bench.args.rows;
+    let started = Instant::now();
+    let subscriber = subscribe(bench, "bench_src", true).await?;
+    wait_for("the native initial copy", LIMIT, Duration::from_millis(100), || synced(&subscriber)).await?;
+    let snapshot_rows_per_s = rows as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(count(&subscriber, "users").await? == rows as i64, "the native copy is incomplete");
+    eprintln!("[bench] native snapshot: {snapshot_rows_per_s:.0} rows/s");
+    unsubscribe(bench, subscriber, "bench_src").await?;
+
+    // 2. Catch-up: the same workload written while the subscription is disabled.
+    bench.ensure_source("bench_cu", CATCHUP_USERS).await?;
+    let subscriber = subscribe(bench, "bench_cu", true).await?;
+    wait_for("the native copy of the catch-up source", LIMIT, Duration::from_millis(100), || synced(&subscriber))
+        .await?;
+    let users = count(&pg(&bench.url("bench_cu")).await?, "users").await?;
+    anyhow::ensure!(
+        users >= CATCHUP_USERS as i64 && count(&subscriber, "users").await? == users,
+        "native copy incomplete"
+    );
+    subscriber.batch_execute("ALTER SUBSCRIPTION bench_native DISABLE").await?;
+    let source = pg(&bench.url("bench_cu")).await?;
+    eprintln!("[bench] native catch-up: writing {} changes while the subscription is disabled", bench.args.changes);
+    let summary =
+        loadgen::run(workload(&bench.url("bench_cu"), bench.args.changes, 0, 5, false), Default::default()).await?;
+    let marker = insert_marker(&source).await?;
+    let started = Instant::now();
+    subscriber.batch_execute("ALTER SUBSCRIPTION bench_native ENABLE").await?;
+    wait_for("the native catch-up", LIMIT, Duration::from_millis(50), || async {
+        Ok(subscriber.query_opt("SELECT 1 FROM users WHERE email = $1", &[&marker]).await?.is_some())
+    })
+    .await?;
+    let catchup_events_per_s = summary.changes as f64 / started.elapsed().as_secs_f64();
+    eprintln!("[bench] native catch-up: {catchup_events_per_s:.0} events/s");
+
+    // 3. Latency, on the caught-up subscription.
+    let latencies =
+        measure_latency(&source, &subscriber, &bench.url("bench_cu"), bench.args.latency_txns, bench.args.latency_rate)
+            .await?;
+    let p = |q| percentile(&latencies, q).unwrap_or(f64::NAN);
+    let (latency_p50_ms, latency_p99_ms) = (p(0.50), p(0.99));
+    eprintln!("[bench] native latency: p50 {latency_p50_ms:.2} ms, p99 {latency_p99_ms:.2} ms");
+    unsubscribe(bench, subscriber, "bench_cu").await?;
+    Ok(NativeFigures { snapshot_rows_per_s, catchup_events_per_s, latency_p50_ms, latency_p99_ms })
+}
