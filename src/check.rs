@@ -24,14 +24,10 @@ use crate::pipeline;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("{e}");
-            return ExitCode::from(1);
-        }
+    let (config, base) = match Config::load_for_command(path) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
-    let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("build the tokio runtime");
     let (ok, problems) = runtime.block_on(check(&config, &base));
     for line in &ok {

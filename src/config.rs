@@ -378,6 +378,18 @@ fn explain(e: config::ConfigError) -> String {
 }
 
 impl Config {
+    /// What a command starts with: the configuration and the folder its relative paths
+    /// start from. A bad configuration is printed (every problem) and becomes exit code 1.
+    pub fn load_for_command(path: &Path) -> Result<(Config, PathBuf), std::process::ExitCode> {
+        match Config::load(path) {
+            Ok(c) => Ok((c, path.parent().unwrap_or(Path::new(".")).to_path_buf())),
+            Err(e) => {
+                eprintln!("{e}");
+                Err(std::process::ExitCode::from(1))
+            }
+        }
+    }
+
     /// Reads `path` and the environment overrides, then validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();

@@ -52,15 +52,11 @@ pub enum RunError {
 
 /// Runs the daemon until a signal; returns the exit code.
 pub fn run(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(1);
-        }
+    let (config, base) = match Config::load_for_command(path) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     crate::logging::init(&config.daemon);
-    let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("build the tokio runtime");
     let system = actix::System::with_tokio_rt(runtime);
     let outcome = system.block_on(async move {

@@ -35,14 +35,10 @@ const CHUNK_ROWS: usize = 5000;
 const MAX_LISTED: usize = 10;
 
 pub fn run(path: &Path, only: Option<&str>) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("{e}");
-            return ExitCode::from(1);
-        }
+    let (config, base) = match Config::load_for_command(path) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
-    let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("build the tokio runtime");
     match runtime.block_on(validate(&config, &base, only)) {
         Ok(report) => {

@@ -102,17 +102,24 @@ fn check_against_a_closed_port_names_the_endpoint_without_the_password() {
     assert!(out.lines().filter(|l| l.starts_with("error:")).count() >= 2, "{out}");
 }
 
-#[tokio::test]
-async fn the_daemon_serves_health_ready_metrics_and_stops_on_sigterm() {
-    let source = PgDb::create("cli_src").await;
-    let sink = PgDb::create("cli_dst").await;
+/// A daemon copying a fresh `public.users` into a PostgreSQL sink named `replica`; the
+/// databases live as long as the returned handles.
+async fn users_to_replica(name: &str) -> (PgDb, PgDb, Daemon) {
+    let source = PgDb::create(&format!("{name}_src")).await;
+    let sink = PgDb::create(&format!("{name}_dst")).await;
     loadgen_schema(&source).await;
     let toml = format!(
         "[source]\nkind = \"postgres\"\nurl = \"{}\"\ntables = [\"public.users\"]\nslot = \"{}\"\npublication = \"{}\"\n\
          [[sink]]\nname = \"replica\"\nkind = \"postgres\"\nurl = \"{}\"\n",
         source.url, source.name, source.name, sink.url
     );
-    let mut daemon = Daemon::start(&toml);
+    let daemon = Daemon::start(&toml);
+    (source, sink, daemon)
+}
+
+#[tokio::test]
+async fn the_daemon_serves_health_ready_metrics_and_stops_on_sigterm() {
+    let (_source, _sink, mut daemon) = users_to_replica("cli").await;
     daemon.wait_http(Duration::from_secs(30)).await;
     assert_eq!(daemon.get("/health").map(|r| r.0), Some(200));
     crate::support::wait_until("ready", Duration::from_secs(30), || async {
@@ -134,15 +141,7 @@ async fn the_daemon_serves_health_ready_metrics_and_stops_on_sigterm() {
 
 #[tokio::test]
 async fn status_prints_the_pipelines_of_a_running_daemon() {
-    let source = PgDb::create("status_src").await;
-    let sink = PgDb::create("status_dst").await;
-    loadgen_schema(&source).await;
-    let toml = format!(
-        "[source]\nkind = \"postgres\"\nurl = \"{}\"\ntables = [\"public.users\"]\nslot = \"{}\"\npublication = \"{}\"\n\
-         [[sink]]\nname = \"replica\"\nkind = \"postgres\"\nurl = \"{}\"\n",
-        source.url, source.name, source.name, sink.url
-    );
-    let mut daemon = Daemon::start(&toml);
+    let (_source, _sink, mut daemon) = users_to_replica("status").await;
     daemon.wait_http(Duration::from_secs(30)).await;
     let url = format!("http://127.0.0.1:{}", daemon.port);
     let (code, out) = sluice(&["status", "--url", &url]);

@@ -107,10 +107,7 @@ async fn every_operation_carries_its_position_and_images() {
         Faults::default(),
         true,
     );
-    wait_until("snapshot done", T, || async {
-        capture.checkpoints().iter().any(|c| c.position == Position::SNAPSHOT_DONE)
-    })
-    .await;
+    capture.snapshot_done(T).await;
     db.exec(
         "BEGIN; INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET v = 'c' WHERE id = 1; UPDATE t SET id = 3 WHERE id = 2; DELETE FROM t WHERE id = 1; COMMIT;
          INSERT INTO full_t VALUES (1, 'x'); UPDATE full_t SET v = 'y'; DELETE FROM full_t;
@@ -172,10 +169,7 @@ async fn unchanged_toast_values_are_marked_unchanged_never_null() {
         Faults::default(),
         true,
     );
-    wait_until("snapshot done", T, || async {
-        capture.checkpoints().iter().any(|c| c.position == Position::SNAPSHOT_DONE)
-    })
-    .await;
+    capture.snapshot_done(T).await;
     db.exec(
         "INSERT INTO docs VALUES (1, 0, repeat('x', 20000)); UPDATE docs SET n = 1 WHERE id = 1;
          INSERT INTO docs_full VALUES (1, 0, repeat('y', 20000)); UPDATE docs_full SET n = 1 WHERE id = 1;",
@@ -196,10 +190,7 @@ async fn an_added_column_makes_a_new_schema_version_before_its_rows() {
     db.exec("CREATE TABLE t (id int PRIMARY KEY, a text)").await;
     let capture =
         Capture::start(options(&db.url, &db.name, &["public.t"], SnapshotMode::Initial), None, Faults::default(), true);
-    wait_until("snapshot done", T, || async {
-        capture.checkpoints().iter().any(|c| c.position == Position::SNAPSHOT_DONE)
-    })
-    .await;
+    capture.snapshot_done(T).await;
     db.exec("INSERT INTO t VALUES (1, 'a'); ALTER TABLE t ADD COLUMN b int; INSERT INTO t VALUES (2, 'b', 7); ALTER TABLE t DROP COLUMN a; INSERT INTO t VALUES (3, 8);").await;
     capture.wait_changes(3, T).await;
     let batches: Vec<_> = capture
@@ -298,10 +289,7 @@ async fn a_restart_resumes_from_the_acknowledged_position_losing_nothing() {
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
     let opts = options(&db.url, &db.name, &["public.t"], SnapshotMode::Initial);
     let first = Capture::start(opts.clone(), None, Faults::default(), false);
-    wait_until("snapshot done", T, || async {
-        first.checkpoints().iter().any(|c| c.position == Position::SNAPSHOT_DONE)
-    })
-    .await;
+    first.snapshot_done(T).await;
     for i in 1..=10 {
         db.exec(&format!("INSERT INTO t VALUES ({i})")).await;
     }
@@ -351,7 +339,8 @@ async fn an_idle_source_still_advances_its_slot() {
             .await
             .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&db.name])
             .await;
-        r.map(|r| pgwire_lsn(&r.get::<_, String>(0))).unwrap_or(0)
+        // NULL while the slot is still being created.
+        r.ok().and_then(|r| r.get::<_, Option<String>>(0)).map_or(0, |lsn| pgwire_lsn(&lsn))
     };
     wait_until("slot created", T, || async { slot_lsn().await > 0 }).await;
     let before = slot_lsn().await;
@@ -433,7 +422,13 @@ async fn snapshot_modes_never_and_always() {
         let r = db
             .client()
             .await
-            .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&db.name])
+            // A slot being created is active too, but decodes only what commits after its
+            // consistent point (confirmed_flush_lsn is NULL until then).
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active \
+                 AND confirmed_flush_lsn IS NOT NULL",
+                &[&db.name],
+            )
             .await;
         r.map(|r| r.get::<_, i64>(0) == 1).unwrap_or(false)
     })

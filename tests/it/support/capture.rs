@@ -98,6 +98,14 @@ impl Capture {
             .collect()
     }
 
+    /// Waits until the snapshot's end is acknowledged.
+    pub async fn snapshot_done(&self, timeout: Duration) {
+        wait_until("snapshot done", timeout, || async {
+            self.checkpoints().iter().any(|c| c.position == Position::SNAPSHOT_DONE)
+        })
+        .await;
+    }
+
     pub async fn wait_changes(&self, n: usize, timeout: Duration) -> Vec<Change> {
         wait_until(&format!("{n} changes"), timeout, || async { self.changes().len() >= n }).await;
         self.changes()
