@@ -299,15 +299,8 @@ async fn a_restart_resumes_from_the_acknowledged_position_losing_nothing() {
         first.checkpoints().into_iter().filter(|c| c.position.lsn > 0 && c.position.seq == Position::END).collect();
     let acked = cps[4].clone();
     first.confirm.send_replace(acked.confirm_lsn.expect("confirm"));
-    wait_until("slot confirmed", T, || async {
-        let r = db
-            .client()
-            .await
-            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&db.name])
-            .await;
-        r.map(|r| pgwire_lsn(&r.get::<_, String>(0)) >= acked.confirm_lsn.expect("confirm")).unwrap_or(false)
-    })
-    .await;
+    wait_until("slot confirmed", T, || async { slot_confirmed(&db).await >= acked.confirm_lsn.expect("confirm") })
+        .await;
     first.abort();
     for i in 11..=15 {
         db.exec(&format!("INSERT INTO t VALUES ({i})")).await;
@@ -327,21 +320,24 @@ async fn a_restart_resumes_from_the_acknowledged_position_losing_nothing() {
     second.stop().await.expect("stop");
 }
 
+/// The slot's confirmed_flush_lsn (named after the database); 0 while it is missing or
+/// still being created.
+async fn slot_confirmed(db: &PgDb) -> u64 {
+    let r = db
+        .client()
+        .await
+        .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&db.name])
+        .await;
+    r.ok().and_then(|r| r.get::<_, Option<String>>(0)).map_or(0, |lsn| pgwire_lsn(&lsn))
+}
+
 #[tokio::test]
 async fn an_idle_source_still_advances_its_slot() {
     let db = PgDb::create("idle").await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE other (id int)").await;
     let capture =
         Capture::start(options(&db.url, &db.name, &["public.t"], SnapshotMode::Never), None, Faults::default(), true);
-    let slot_lsn = || async {
-        let r = db
-            .client()
-            .await
-            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&db.name])
-            .await;
-        // NULL while the slot is still being created.
-        r.ok().and_then(|r| r.get::<_, Option<String>>(0)).map_or(0, |lsn| pgwire_lsn(&lsn))
-    };
+    let slot_lsn = || slot_confirmed(&db);
     wait_until("slot created", T, || async { slot_lsn().await > 0 }).await;
     let before = slot_lsn().await;
     // WAL written by a table that is not published.
