@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export SLUICE_CACHE="${SLUICE_CACHE:-$HOME/.cache/sluice}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SLUICE_CACHE/target}"
+unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 case " $* " in
   *" --transports direct "*|*" --transports=direct "*) SLUICE_SKIP_KAFKA=1 compose/native-up.sh ;;
   *) compose/native-up.sh ;;

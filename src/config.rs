@@ -30,8 +30,10 @@ pub const DEFAULT_PARTITIONS: i32 = 3;
 pub const DEFAULT_MAILBOX_ROWS: usize = 4096;
 /// Rows per batch from the source: large enough to amortise per-batch costs.
 pub const DEFAULT_BATCH_ROWS: usize = 1000;
-/// Rows per sink transaction at most when changes queue up.
-pub const DEFAULT_MAX_UNIT_ROWS: usize = 20_000;
+/// Rows per sink write at most when changes queue up. A unit is held three times over
+/// (changes, Arrow batch, statement), so this bounds memory: measured on 1 KB rows, a
+/// snapshot peaks at 80 MB RSS with 2,000 and 160 MB with 20,000, at the same speed.
+pub const DEFAULT_MAX_UNIT_ROWS: usize = 2_000;
 /// Two snapshot connections: the machine this runs on is often small.
 pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 2;
 /// Tables above this many rows are copied in primary-key ranges.

@@ -156,6 +156,8 @@ pub struct Summary {
     pub changes: u64,
     pub by_kind: BTreeMap<(Table, Kind), u64>,
     pub transactions: u64,
+    /// Transactions rolled back by a deadlock or a serialization failure and written again.
+    pub retries: u64,
     pub elapsed: Duration,
     /// Latency of each transaction (commit included), sorted.
     pub latencies: Vec<Duration>,
@@ -359,6 +361,7 @@ pub async fn run(options: Options, stop: Arc<AtomicBool>) -> anyhow::Result<Summ
             Ok(s) => {
                 summary.changes += s.changes;
                 summary.transactions += s.transactions;
+                summary.retries += s.retries;
                 for (k, v) in s.by_kind {
                     *summary.by_kind.entry(k).or_default() += v;
                 }
@@ -416,16 +419,19 @@ async fn worker(
             tokio::time::sleep_until(due.into()).await;
         }
         let began = Instant::now();
-        let txn = client.transaction().await.context("begin")?;
-        let mut done = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            let table = options.tables[rng.random_range(0..options.tables.len())];
-            let kind = options.mix.pick(&mut rng);
-            if change(&txn, table, kind, &live, &mut rng).await? {
-                done.push((table, kind));
+        // Concurrent transactions touching the same rows in another order can deadlock:
+        // PostgreSQL rolls one back, and it is written again (with new random changes).
+        let mut attempts = 0;
+        let done = loop {
+            match transaction(&mut client, n, &options, &live, &mut rng).await {
+                Ok(done) => break done,
+                Err(e) if attempts < MAX_RETRIES && retryable(&e) => {
+                    attempts += 1;
+                    summary.retries += 1;
+                }
+                Err(e) => return Err(e),
             }
-        }
-        txn.commit().await.context("commit")?;
+        };
         summary.latencies.push(began.elapsed());
         summary.transactions += 1;
         for k in done {
@@ -435,6 +441,40 @@ async fn worker(
         written.fetch_add(n, Ordering::Relaxed);
     }
     Ok(summary)
+}
+
+/// How often one transaction is written again after a deadlock or serialization failure.
+const MAX_RETRIES: u32 = 20;
+
+/// A deadlock or a serialization failure: the transaction may simply run again.
+fn retryable(e: &anyhow::Error) -> bool {
+    e.chain().filter_map(|c| c.downcast_ref::<tokio_postgres::Error>()).any(|e| {
+        e.code().is_some_and(|c| {
+            *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+        })
+    })
+}
+
+/// One transaction of `n` random changes; returns the changes it made.
+async fn transaction(
+    client: &mut Client,
+    n: u64,
+    options: &Options,
+    live: &Mutex<Live>,
+    rng: &mut StdRng,
+) -> anyhow::Result<Vec<(Table, Kind)>> {
+    let txn = client.transaction().await.context("begin")?;
+    let mut done = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let table = options.tables[rng.random_range(0..options.tables.len())];
+        let kind = options.mix.pick(rng);
+        if change(&txn, table, kind, live, rng).await? {
+            done.push((table, kind));
+        }
+    }
+    txn.commit().await.context("commit")?;
+    Ok(done)
 }
 
 /// One change; `false` when there was nothing to update or delete.

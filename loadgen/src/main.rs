@@ -96,13 +96,14 @@ fn main() -> ExitCode {
         match loadgen::run(options, stop).await {
             Ok(s) => {
                 println!(
-                    "loadgen: {} changes ({} inserts, {} updates, {} deletes) in {} transactions, {:.1}s, {:.0} changes/s; \
+                    "loadgen: {} changes ({} inserts, {} updates, {} deletes) in {} transactions ({} retried), {:.1}s, {:.0} changes/s; \
                      write latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
                     s.changes,
                     s.kind(loadgen::Kind::Insert),
                     s.kind(loadgen::Kind::Update),
                     s.kind(loadgen::Kind::Delete),
                     s.transactions,
+                    s.retries,
                     s.elapsed.as_secs_f64(),
                     s.rate(),
                     s.percentile(0.5).as_secs_f64() * 1e3,

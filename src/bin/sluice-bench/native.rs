@@ -32,11 +32,15 @@ async fn subscribe(bench: &Bench, source: &str, copy_data: bool) -> anyhow::Resu
     let publisher = pg(&bench.url(source)).await?;
     publisher
         .batch_execute(
-            "DROP PUBLICATION IF EXISTS bench_native; CREATE PUBLICATION bench_native FOR TABLE users, orders; \
-             SELECT pg_create_logical_replication_slot('bench_native', 'pgoutput')",
+            "DROP PUBLICATION IF EXISTS bench_native; CREATE PUBLICATION bench_native FOR TABLE users, orders",
         )
         .await
-        .context("publication and slot")?;
+        .context("publication")?;
+    // Not in the publication's transaction: a slot cannot be created after writes.
+    publisher
+        .batch_execute("SELECT pg_create_logical_replication_slot('bench_native', 'pgoutput')")
+        .await
+        .context("replication slot")?;
     let conninfo = connection_string(&bench.url(source))?;
     subscriber
         .batch_execute(&format!(

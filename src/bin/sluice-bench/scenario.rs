@@ -143,7 +143,9 @@ impl Bench {
     pub async fn fresh_pg(&self, db: &str) -> anyhow::Result<()> {
         let admin = pg(&self.url("postgres")).await?;
         drop_slots(&admin, db).await?;
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE); CREATE DATABASE {db}")).await?;
+        // One statement per call: several in one string run as a transaction block.
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
+        admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
         Ok(())
     }
 
@@ -185,7 +187,11 @@ impl Bench {
                 self.mysql_url("bench_t_my"),
                 concat!(env!("CARGO_MANIFEST_DIR"), "/queries/mysql.sql")
             ),
-            _ => format!("[[sink]]\nname = \"parquet\"\nkind = \"parquet\"\npath = \"{}\"\n", self.lake().display()),
+            // Files every second, so that "durable" is not the default minute of buffering.
+            _ => format!(
+                "[[sink]]\nname = \"parquet\"\nkind = \"parquet\"\npath = \"{}\"\nrotate_secs = 1\n",
+                self.lake().display()
+            ),
         }
     }
 

@@ -249,7 +249,7 @@ pub async fn run(
         // answering (tansu 0.6 reads up to fetch.max.bytes per request).
         .set("fetch.max.bytes", "1048576")
         .set("max.partition.fetch.bytes", "1048576")
-        .set("queued.max.messages.kbytes", "32768");
+        .set("queued.max.messages.kbytes", "8192");
     if let Some(instance) = &options.instance {
         // Static membership: a restarted daemon takes its place back at once instead of
         // waiting for the broker to expire the dead member; a stopped one keeps its

@@ -67,7 +67,7 @@ pub fn create(kafka: &KafkaOptions) -> Result<FutureProducer> {
         .set("batch.num.messages", "10000")
         .set("batch.size", "1000000")
         .set("queue.buffering.max.messages", "100000")
-        .set("queue.buffering.max.kbytes", "65536")
+        .set("queue.buffering.max.kbytes", "16384")
         .set("message.timeout.ms", "300000");
     kafka.finish(&mut config).create().context("create Kafka producer")
 }
