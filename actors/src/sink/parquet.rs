@@ -92,14 +92,52 @@ struct OpenFile {
     table: TableId,
     date: String,
     target: Arc<TargetTable>,
-    writer: ArrowWriter<Vec<u8>>,
+    writer: ArrowWriter<Chunks>,
     first: Position,
     last: Position,
 }
 
 struct Finished {
     path: String,
-    bytes: Vec<u8>,
+    bytes: PutPayload,
+}
+
+/// Size of the pieces a file is held in while it is written.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// A file's bytes as a list of 1 MiB pieces. Growing never copies: a `Vec<u8>` doubles
+/// and copies, and was measured holding 40 MB for a 24 MB file during a snapshot.
+#[derive(Default)]
+struct Chunks {
+    done: Vec<bytes::Bytes>,
+    current: Vec<u8>,
+}
+
+impl std::io::Write for Chunks {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.current.capacity() == 0 {
+            self.current.reserve_exact(CHUNK_BYTES);
+        }
+        let n = buf.len().min(self.current.capacity() - self.current.len());
+        self.current.extend_from_slice(&buf[..n]);
+        if self.current.len() == self.current.capacity() {
+            self.done.push(std::mem::take(&mut self.current).into());
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Chunks {
+    fn into_payload(mut self) -> PutPayload {
+        if !self.current.is_empty() {
+            self.done.push(self.current.into());
+        }
+        self.done.into_iter().collect()
+    }
 }
 
 /// The Parquet sink.
@@ -120,7 +158,7 @@ pub struct ParquetSink {
 fn props() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("zstd level 1 is valid")))
-        .set_max_row_group_row_count(Some(32 * 1024))
+        .set_max_row_group_row_count(Some(8 * 1024))
         .build()
 }
 
@@ -223,8 +261,8 @@ impl ParquetSink {
             position_text(file.first),
             position_text(file.last)
         );
-        let bytes = file.writer.into_inner().context(format!("finish parquet file for {}", file.table))?;
-        self.finished.push(Finished { path, bytes });
+        let chunks = file.writer.into_inner().context(format!("finish parquet file for {}", file.table))?;
+        self.finished.push(Finished { path, bytes: chunks.into_payload() });
         Ok(())
     }
 
@@ -310,7 +348,7 @@ impl ParquetSink {
             let i = match at {
                 Some(i) => i,
                 None => {
-                    let writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props()))
+                    let writer = ArrowWriter::try_new(Chunks::default(), schema.clone(), Some(props()))
                         .context("open parquet writer")?;
                     self.open.push(OpenFile {
                         table: target.name.clone(),
@@ -361,7 +399,7 @@ impl ParquetSink {
         let mut names = Vec::new();
         for f in std::mem::take(&mut self.finished) {
             let path = self.path(&f.path);
-            self.options.store.put(&path, PutPayload::from(f.bytes)).await.context(format!("put {path}"))?;
+            self.options.store.put(&path, f.bytes).await.context(format!("put {path}"))?;
             names.push(f.path);
         }
         if !self.dead.is_empty() {
@@ -550,6 +588,20 @@ impl Sink for ParquetSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_keep_every_byte_in_order() {
+        use std::io::Write as _;
+        let data: Vec<u8> = (0..(3 * CHUNK_BYTES + 12_345)).map(|i| (i * 31 % 251) as u8).collect();
+        let mut chunks = Chunks::default();
+        for piece in data.chunks(70_001) {
+            chunks.write_all(piece).expect("write");
+        }
+        let payload = chunks.into_payload();
+        let joined: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(joined, data);
+        assert!(payload.iter().all(|b| b.len() <= CHUNK_BYTES));
+    }
 
     #[test]
     fn flush_numbers_parse_from_names() {

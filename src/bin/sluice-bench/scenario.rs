@@ -259,9 +259,10 @@ impl Bench {
             eprintln!("[bench] {} catch-up into {kind}: {rate:.0} events/s", transport.name());
             figures.catchup.insert(kind, rate);
         }
+        eprintln!("[bench] {} catch-up peak RSS {peak:.1} MB", transport.name());
         rss = rss.max(peak);
         let (p50, p99, peak) = self.latency(transport).await.context("latency")?;
-        eprintln!("[bench] {} latency: p50 {p50:.2} ms, p99 {p99:.2} ms", transport.name());
+        eprintln!("[bench] {} latency: p50 {p50:.2} ms, p99 {p99:.2} ms, peak RSS {peak:.1} MB", transport.name());
         (figures.latency_p50_ms, figures.latency_p99_ms) = (Some(p50), Some(p99));
         figures.peak_rss_mb = Some(rss.max(peak));
         Ok(figures)

@@ -249,7 +249,9 @@ pub async fn run(
         // answering (tansu 0.6 reads up to fetch.max.bytes per request).
         .set("fetch.max.bytes", "1048576")
         .set("max.partition.fetch.bytes", "1048576")
-        .set("queued.max.messages.kbytes", "8192");
+        .set("queued.max.messages.kbytes", "8192")
+        // tansu does not answer a waiting fetch when data arrives: a short wait bounds latency.
+        .set("fetch.wait.max.ms", "20");
     if let Some(instance) = &options.instance {
         // Static membership: a restarted daemon takes its place back at once instead of
         // waiting for the broker to expire the dead member; a stopped one keeps its
