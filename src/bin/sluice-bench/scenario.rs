@@ -38,8 +38,10 @@ impl Transport {
 pub struct Figures {
     /// Sink kind -> rows/s.
     pub snapshot: BTreeMap<String, f64>,
-    /// Sink kind -> events/s.
+    /// Sink kind -> events/s, all three sinks catching up at once in one daemon.
     pub catchup: BTreeMap<String, f64>,
+    /// Events/s of a catch-up with the PostgreSQL sink alone (what native replication does).
+    pub catchup_postgres_alone: Option<f64>,
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
     pub peak_rss_mb: Option<f64>,
@@ -254,7 +256,13 @@ impl Bench {
             figures.snapshot.insert(kind.into(), rate);
             rss = rss.max(peak);
         }
-        let (rates, peak) = self.catchup(transport).await.context("catch-up")?;
+        let (alone, peak) = self.catchup(transport, &["postgres"]).await.context("catch-up (postgres alone)")?;
+        if let Some((_, rate)) = alone.first() {
+            eprintln!("[bench] {} catch-up into postgres alone: {rate:.0} events/s", transport.name());
+            figures.catchup_postgres_alone = Some(*rate);
+        }
+        rss = rss.max(peak);
+        let (rates, peak) = self.catchup(transport, &KINDS).await.context("catch-up")?;
         for (kind, rate) in rates {
             eprintln!("[bench] {} catch-up into {kind}: {rate:.0} events/s", transport.name());
             figures.catchup.insert(kind, rate);
@@ -304,22 +312,22 @@ impl Bench {
         })
     }
 
-    /// Events/s per sink kind of a catch-up, and the peak RSS.
-    async fn catchup(&self, transport: Transport) -> anyhow::Result<(Vec<(String, f64)>, f64)> {
+    /// Events/s per sink kind of a catch-up into these sinks, and the peak RSS.
+    async fn catchup(&self, transport: Transport, kinds: &[&str]) -> anyhow::Result<(Vec<(String, f64)>, f64)> {
         let changes = if transport == Transport::Kafka { self.kafka_changes() } else { self.args.changes };
         self.ensure_source("bench_cu", CATCHUP_USERS).await?;
-        self.fresh_targets(&KINDS).await?;
-        let daemon = self.daemon("catchup", "bench_cu", "bench_cu", "initial", &KINDS, transport).await?;
+        self.fresh_targets(kinds).await?;
+        let daemon = self.daemon("catchup", "bench_cu", "bench_cu", "initial", kinds, transport).await?;
         let source = pg(&self.url("bench_cu")).await?;
         let users: i64 = source.query_one("SELECT count(*) FROM users", &[]).await?.get(0);
         let targets = Targets { pg: pg(&self.url("bench_t_pg")).await?, mysql: self.mysql_url("bench_t_my") };
         wait_for("the catch-up's initial copy", PHASE_LIMIT, Duration::from_millis(200), || async {
             Ok(daemon.get("/ready")?.0 == 200
-                && count(&targets.pg, "users").await? >= users
-                && daemon.rows("parquet")? >= users as f64)
+                && (!kinds.contains(&"postgres") || count(&targets.pg, "users").await? >= users)
+                && (!kinds.contains(&"parquet") || daemon.rows("parquet")? >= users as f64))
         })
         .await?;
-        for k in KINDS {
+        for k in kinds {
             daemon.post(&format!("/api/pipelines/{k}/pause"))?;
         }
         eprintln!("[bench] {} catch-up: writing {changes} changes while the sinks are paused", transport.name());
@@ -341,14 +349,14 @@ impl Bench {
         }
         let expected_lake = daemon.rows("parquet")? + summary.changes as f64 + 1.0;
         let started = Instant::now();
-        for k in KINDS {
+        for k in kinds {
             daemon.post(&format!("/api/pipelines/{k}/resume"))?;
         }
         let deadline = started + PHASE_LIMIT;
         let mut done: BTreeMap<String, f64> = BTreeMap::new();
-        while done.len() < KINDS.len() {
+        while done.len() < kinds.len() {
             anyhow::ensure!(Instant::now() < deadline, "the sinks did not catch up in time: {done:?}");
-            let pending: Vec<&str> = KINDS.iter().copied().filter(|k| !done.contains_key(*k)).collect();
+            let pending: Vec<&str> = kinds.iter().copied().filter(|k| !done.contains_key(*k)).collect();
             for k in pending {
                 let seen = match k {
                     "postgres" => {
