@@ -443,15 +443,17 @@ async fn worker(
     Ok(summary)
 }
 
-/// How often one transaction is written again after a deadlock or serialization failure.
+/// How often one transaction is written again after a conflict with another connection.
 const MAX_RETRIES: u32 = 20;
 
-/// A deadlock or a serialization failure: the transaction may simply run again.
+/// A deadlock, a serialization failure, or an order whose user another connection deleted
+/// meanwhile: the transaction may simply run again.
 fn retryable(e: &anyhow::Error) -> bool {
+    use tokio_postgres::error::SqlState;
     e.chain().filter_map(|c| c.downcast_ref::<tokio_postgres::Error>()).any(|e| {
         e.code().is_some_and(|c| {
-            *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
-                || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+            [SqlState::T_R_DEADLOCK_DETECTED, SqlState::T_R_SERIALIZATION_FAILURE, SqlState::FOREIGN_KEY_VIOLATION]
+                .contains(c)
         })
     })
 }

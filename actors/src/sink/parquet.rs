@@ -7,12 +7,14 @@
 //! <root>/_sluice/commit-<flush>.json          offsets durable after flush <flush>
 //! ```
 //!
-//! Exactly once across crashes: rows accumulate in in-memory Parquet writers (compressed,
-//! bounded by `rotate_rows`) and nothing is acknowledged until a *flush* made them
-//! durable. A flush puts every file (each put is atomic), then the commit marker naming the
-//! offsets it covers; a flush is committed exactly when its marker exists. On open, the
-//! newest marker gives the offsets to resume after, and files of later (interrupted)
-//! flushes are deleted, so the replay that follows rewrites their rows once. Flushes happen
+//! Exactly once across crashes: rows accumulate in in-memory Parquet writers (compressed)
+//! and nothing is acknowledged until a *flush* made them durable. A flush puts every file
+//! (each put is atomic), then the commit marker naming the offsets it covers; a flush is
+//! committed exactly when its marker exists. Files are also put early, under the number
+//! of the flush to come, whenever the open writers hold `rotate_rows` (a snapshot commits
+//! only at its end; memory stays bounded). On open, the newest marker gives the offsets
+//! to resume after, and files of later (interrupted) flushes are deleted, so the replay
+//! that follows rewrites their rows once. Flushes happen
 //! on `rotate_rows`, on `rotate_secs` (checked every second), at the end of a snapshot and
 //! on a graceful stop.
 //!
@@ -150,7 +152,13 @@ pub struct ParquetSink {
     /// Checkpoints committed by the writer, durable at the next flush.
     pending: Vec<Checkpoint>,
     offsets: HashMap<(String, i32), StreamOffset>,
+    /// Rows since the last flush, and those of them still in the open writers.
     buffered_rows: usize,
+    open_rows: usize,
+    /// Files of the coming flush already put (their marker is still to come).
+    spilled: Vec<String>,
+    /// Files of the coming flush so far: numbers their names.
+    parts: usize,
     oldest: Option<Instant>,
     flush: u64,
 }
@@ -238,6 +246,9 @@ impl ParquetSink {
             pending: Vec::new(),
             offsets: HashMap::new(),
             buffered_rows: 0,
+            open_rows: 0,
+            spilled: Vec::new(),
+            parts: 0,
             oldest: None,
             flush: 0,
         }
@@ -252,7 +263,8 @@ impl ParquetSink {
     }
 
     fn finish_file(&mut self, file: OpenFile) -> Result<()> {
-        let n = self.finished.len();
+        let n = self.parts;
+        self.parts += 1;
         let path = format!(
             "table={}/date={}/part-{:010}-{}-{}-{n}.parquet",
             table_folder(&file.table),
@@ -367,6 +379,7 @@ impl ParquetSink {
             file.last = file.last.max(last);
         }
         self.buffered_rows += n;
+        self.open_rows += n;
         self.oldest.get_or_insert_with(Instant::now);
         Ok(())
     }
@@ -379,6 +392,24 @@ impl ParquetSink {
             }
         }
         self.open.retain(|f| !targets.iter().any(|t| t.name == f.table));
+        let forgotten =
+            |path: &str| targets.iter().any(|t| path.starts_with(&format!("table={}/", table_folder(&t.name))));
+        self.finished.retain(|f| !forgotten(&f.path));
+        self.spilled.retain(|p| !forgotten(p));
+        Ok(())
+    }
+
+    /// Finishes the open files and puts every finished one, under the coming flush.
+    async fn spill(&mut self) -> Result<()> {
+        for file in std::mem::take(&mut self.open) {
+            self.finish_file(file)?;
+        }
+        for f in std::mem::take(&mut self.finished) {
+            let path = self.path(&f.path);
+            self.options.store.put(&path, f.bytes).await.context(format!("put {path}"))?;
+            self.spilled.push(f.path);
+        }
+        self.open_rows = 0;
         Ok(())
     }
 
@@ -393,15 +424,8 @@ impl ParquetSink {
         if self.pending.is_empty() {
             return Ok(Vec::new());
         }
-        for file in std::mem::take(&mut self.open) {
-            self.finish_file(file)?;
-        }
-        let mut names = Vec::new();
-        for f in std::mem::take(&mut self.finished) {
-            let path = self.path(&f.path);
-            self.options.store.put(&path, f.bytes).await.context(format!("put {path}"))?;
-            names.push(f.path);
-        }
+        self.spill().await?;
+        let mut names = std::mem::take(&mut self.spilled);
         if !self.dead.is_empty() {
             let lines: String = self
                 .dead
@@ -439,6 +463,7 @@ impl ParquetSink {
             .increment(self.buffered_rows as u64);
         tracing::debug!(sink = %self.name, flush = self.flush, rows = self.buffered_rows, files = names.len(), "parquet flush committed");
         self.flush += 1;
+        self.parts = 0;
         self.buffered_rows = 0;
         self.oldest = None;
         Ok(durable)
@@ -497,6 +522,9 @@ impl Sink for ParquetSink {
         self.pending.clear();
         self.offsets.clear();
         self.buffered_rows = 0;
+        self.open_rows = 0;
+        self.spilled.clear();
+        self.parts = 0;
         self.oldest = None;
         let markers = self.path("_sluice");
         let committed = match newest_commit(&self.options.store, markers, &self.name).await? {
@@ -545,6 +573,9 @@ impl Sink for ParquetSink {
                     self.dead.push(d);
                 }
             }
+        }
+        if self.open_rows >= self.options.rotate_rows {
+            self.spill().await?;
         }
         Ok(())
     }

@@ -129,7 +129,8 @@ async fn main() -> anyhow::Result<()> {
     let load_before = load();
     eprintln!("[bench] machine load before: {load_before}; cores: {}", num_cores());
     let mut results = Vec::new();
-    for t in &args.transports {
+    // `--transports ''` measures native replication alone.
+    for t in args.transports.iter().filter(|t| !t.is_empty()) {
         let transport = match t.as_str() {
             "direct" => Transport::Direct,
             "kafka" => Transport::Kafka,

@@ -270,8 +270,16 @@ pub async fn run(
     let mut dead_letters: Option<FutureProducer> = None;
     let mut partition_counts: HashMap<String, usize> = HashMap::new();
     let linger = Duration::from_millis(10);
+    // Set by the first change that waits: a steady trickle of messages must not keep
+    // postponing the flush (a sleep made afresh each turn would).
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
-        let has_work = !pending.is_empty() || !touched.is_empty();
+        if pending.is_empty() && touched.is_empty() {
+            due = None;
+        } else {
+            due.get_or_insert_with(|| tokio::time::Instant::now() + linger);
+        }
+        let wake = due.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
             biased;
             cp = commits.recv() => {
@@ -284,7 +292,7 @@ pub async fn run(
                     tracing::debug!(error = %error, "committing offsets to Kafka failed (informational only)");
                 }
             }
-            _ = tokio::time::sleep(linger), if has_work => {
+            _ = tokio::time::sleep_until(wake), if due.is_some() => {
                 flush(&out, &mut pending, &mut touched, &parts).await?;
             }
             message = consumer.recv() => {
