@@ -25,6 +25,15 @@ const LIMIT: Duration = Duration::from_secs(1800);
 /// A subscription from `source` (tables users and orders) into a fresh subscriber with
 /// the load generator's schema; returns the subscriber once the subscription exists.
 async fn subscribe(bench: &Bench, source: &str, copy_data: bool) -> anyhow::Result<Client> {
+    // A run that failed leaves its subscription, which keeps the database in use.
+    if let Ok(old) = pg(&bench.url(SUBSCRIBER)).await {
+        let _ = old
+            .batch_execute(
+                "ALTER SUBSCRIPTION bench_native DISABLE; ALTER SUBSCRIPTION bench_native SET (slot_name = NONE)",
+            )
+            .await;
+        let _ = old.batch_execute("DROP SUBSCRIPTION IF EXISTS bench_native").await;
+    }
     bench.fresh_pg(SUBSCRIBER).await?;
     let subscriber = pg(&bench.url(SUBSCRIBER)).await?;
     loadgen::create_schema(&subscriber).await?;
