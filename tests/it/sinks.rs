@@ -407,6 +407,17 @@ async fn parquet_files_rotate_by_rows_into_hive_folders() {
         2,
         "uncommitted file removed"
     );
+
+    // A put of an aborted incarnation that lands after `open` (a late file of the coming
+    // flush, 2) is removed by that flush before its marker.
+    let first = lake_files(dir.path()).into_iter().find(|f| f.ends_with(".parquet")).expect("a file");
+    let late = "table=accounts/date=2023-11-14/part-0000000002-FF_1-FF_3-9.parquet";
+    std::fs::copy(dir.path().join(&first), dir.path().join(late)).expect("late file");
+    third.write(items(unit2()).await).await.expect("write");
+    third.commit(&cp(30), cp(30).stream_offsets(STREAM)).await.expect("commit");
+    let files = lake_files(dir.path());
+    assert!(!files.iter().any(|f| f == late), "late file removed: {files:?}");
+    assert_eq!(files.iter().filter(|f| f.ends_with(".parquet")).count(), 3, "{files:?}");
 }
 
 /// Every file under `root`, relative, sorted.

@@ -159,6 +159,8 @@ pub struct ParquetSink {
     spilled: Vec<String>,
     /// Files of the coming flush so far: numbers their names.
     parts: usize,
+    /// Whether this incarnation's first flush removed what a previous one left late.
+    swept: bool,
     oldest: Option<Instant>,
     flush: u64,
 }
@@ -249,6 +251,7 @@ impl ParquetSink {
             open_rows: 0,
             spilled: Vec::new(),
             parts: 0,
+            swept: false,
             oldest: None,
             flush: 0,
         }
@@ -399,6 +402,22 @@ impl ParquetSink {
         Ok(())
     }
 
+    /// Deletes the files of flushes from this one on, but those named in `keep`: files of
+    /// flushes that never committed, whose rows the replay writes again.
+    async fn remove_uncommitted(&mut self, keep: &[String]) -> Result<()> {
+        for path in list(&self.options.store, self.path("")).await? {
+            let name = path.as_ref();
+            if name.contains("_sluice/") || keep.iter().any(|k| name.ends_with(k.as_str())) {
+                continue;
+            }
+            if flush_of(name).is_some_and(|f| f >= self.flush) {
+                tracing::info!(sink = %self.name, file = name, "removing a file of an interrupted flush");
+                self.options.store.delete(&path).await.context(format!("delete {path}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Finishes the open files and puts every finished one, under the coming flush.
     async fn spill(&mut self) -> Result<()> {
         for file in std::mem::take(&mut self.open) {
@@ -443,6 +462,13 @@ impl ParquetSink {
             let path = self.path(&name);
             self.options.store.put(&path, PutPayload::from(lines.into_bytes())).await.context(format!("put {path}"))?;
             names.push(name);
+        }
+        // A previous incarnation aborted by a restart may still have finished a put after
+        // `open` swept (a blocking file write outlives its task): the first flush of each
+        // incarnation sweeps again before its marker makes such a file part of it.
+        if !self.swept {
+            self.remove_uncommitted(&names).await?;
+            self.swept = true;
         }
         let durable = std::mem::take(&mut self.pending);
         let mut offsets: Vec<&StreamOffset> = self.offsets.values().collect();
@@ -537,19 +563,8 @@ impl Sink for ParquetSink {
             None => None,
         };
         self.flush = committed.map_or(0, |f| f + 1);
-        // Files of flushes that never committed are rewritten by the replay.
-        for path in list(&self.options.store, self.path("")).await? {
-            let name = path.as_ref();
-            if name.contains("_sluice/") {
-                continue;
-            }
-            if let Some(f) = flush_of(name)
-                && committed.is_none_or(|c| f > c)
-            {
-                tracing::info!(sink = %self.name, file = name, "removing a file of an interrupted flush");
-                self.options.store.delete(&path).await.context(format!("delete {path}"))?;
-            }
-        }
+        self.swept = false;
+        self.remove_uncommitted(&[]).await?;
         Ok(self.offsets.values().cloned().collect())
     }
 
