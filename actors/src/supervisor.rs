@@ -474,6 +474,21 @@ mod tests {
         status.lock().expect("status").iter().find(|g| g.name == name).cloned().expect("group")
     }
 
+    /// Runs a supervisor over `groups` until group `name` failed, or 5 s passed (a panic
+    /// is reported once its hook returned: slow with RUST_BACKTRACE set, or under load).
+    fn run_until_failed(groups: Vec<Group>, status: &SharedStatus, name: &str) {
+        let (s, name) = (status.clone(), name.to_string());
+        actix::System::new().block_on(async move {
+            let _supervisor = Supervisor::new(groups, s.clone()).start();
+            for _ in 0..500 {
+                if matches!(state(&s, &name).state, GroupState::Failed(_)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+
     #[test]
     fn failures_restart_with_backoff_then_escalate_past_the_intensity_limit() {
         let status = SharedStatus::default();
@@ -482,11 +497,7 @@ mod tests {
             group("bad", spec(RestartPolicy::OnFailure, 3), bad.clone(), failing),
             group("good", spec(RestartPolicy::OnFailure, 3), good.clone(), forever),
         ];
-        let s = status.clone();
-        actix::System::new().block_on(async move {
-            let _supervisor = Supervisor::new(groups, s).start();
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        });
+        run_until_failed(groups, &status, "bad");
         let bad_status = state(&status, "bad");
         assert!(
             matches!(&bad_status.state, GroupState::Failed(c) if c.contains("3 restarts within 60s") && c.contains("boom"))
@@ -504,11 +515,7 @@ mod tests {
         let status = SharedStatus::default();
         let builds = Arc::new(AtomicU32::new(0));
         let groups = vec![group("p", spec(RestartPolicy::Never, 10), builds.clone(), panicking)];
-        let s = status.clone();
-        actix::System::new().block_on(async move {
-            let _supervisor = Supervisor::new(groups, s).start();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        });
+        run_until_failed(groups, &status, "p");
         let g = state(&status, "p");
         assert!(matches!(&g.state, GroupState::Failed(c) if c.contains("panicked: kaboom")), "{g:?}");
         assert_eq!((builds.load(Ordering::SeqCst), g.restarts), (1, 0));
@@ -533,11 +540,7 @@ mod tests {
         }
         let status = SharedStatus::default();
         let groups = vec![group("g", spec(RestartPolicy::Never, 10), Arc::new(AtomicU32::new(0)), pair)];
-        let s = status.clone();
-        actix::System::new().block_on(async move {
-            let _supervisor = Supervisor::new(groups, s).start();
-            tokio::time::sleep(Duration::from_millis(400)).await;
-        });
+        run_until_failed(groups, &status, "g");
         let g = state(&status, "g");
         assert!(
             matches!(&g.state, GroupState::Failed(c) if c.contains("leader: injected failure: the real cause")),
