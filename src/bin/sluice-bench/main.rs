@@ -22,6 +22,7 @@
 mod daemon;
 mod native;
 mod scenario;
+mod source;
 
 use std::time::Duration;
 
@@ -58,6 +59,10 @@ pub struct Args {
     /// Skip PostgreSQL's native replication.
     #[arg(long)]
     pub skip_native: bool,
+    /// Measure only the source: snapshot rows/s of --rows users and streaming decode
+    /// events/s of a --changes backlog, into a consumer that discards.
+    #[arg(long)]
+    pub source_only: bool,
     /// PostgreSQL server (a superuser; databases bench_* are created and dropped).
     #[arg(long, env = "SLUICE_BENCH_PG", default_value = "postgres://postgres@127.0.0.1:5432")]
     pub pg: String,
@@ -127,6 +132,18 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bench = Bench::new(args.clone()).await.context("prepare the benchmark")?;
     let load_before = load();
+    if args.source_only {
+        let figures = source::measure(&bench).await.context("the source alone")?;
+        let line = json!({
+            "bench": "sluice-source", "cores": num_cores(), "load_before": load_before, "load_after": load(),
+            "rows": args.rows, "changes": args.changes, "source": figures,
+        });
+        println!("{line}");
+        if let Some(path) = &args.json {
+            std::fs::write(path, format!("{line}\n")).with_context(|| format!("write {}", path.display()))?;
+        }
+        return Ok(());
+    }
     eprintln!("[bench] machine load before: {load_before}; cores: {}", num_cores());
     let mut results = Vec::new();
     // `--transports ''` measures native replication alone.
