@@ -138,11 +138,7 @@ async fn main() -> anyhow::Result<()> {
             "bench": "sluice-source", "cores": num_cores(), "load_before": load_before, "load_after": load(),
             "rows": args.rows, "changes": args.changes, "source": figures,
         });
-        println!("{line}");
-        if let Some(path) = &args.json {
-            std::fs::write(path, format!("{line}\n")).with_context(|| format!("write {}", path.display()))?;
-        }
-        return Ok(());
+        return emit(&line, &args);
     }
     eprintln!("[bench] machine load before: {load_before}; cores: {}", num_cores());
     let mut results = Vec::new();
@@ -182,10 +178,7 @@ async fn main() -> anyhow::Result<()> {
         "native": native,
         "ratios_direct_over_native": ratios,
     });
-    println!("{line}");
-    if let Some(path) = &args.json {
-        std::fs::write(path, format!("{line}\n")).with_context(|| format!("write {}", path.display()))?;
-    }
+    emit(&line, &args)?;
     print_table(&results, native.as_ref());
     if let Some(r) = &ratios {
         println!(
@@ -197,6 +190,15 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("machine: {} cores, load {load_before} before, {load_after} after", num_cores());
     bench.cleanup().await;
+    Ok(())
+}
+
+/// Prints the JSON line, and writes it to `--json` if given.
+fn emit(line: &serde_json::Value, args: &Args) -> anyhow::Result<()> {
+    println!("{line}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, format!("{line}\n")).with_context(|| format!("write {}", path.display()))?;
+    }
     Ok(())
 }
 

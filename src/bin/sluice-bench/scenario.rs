@@ -84,7 +84,10 @@ impl Bench {
         anyhow::ensure!(bin.exists(), "{} is missing: build the workspace's binaries first", bin.display());
         let bench = Bench { args, dir, bin };
         bench.ensure_source("bench_src", bench.args.rows).await?;
-        if bench.args.transports.iter().any(|t| t == "kafka") && bench.kafka_rows() != bench.args.rows {
+        if !bench.args.source_only
+            && bench.args.transports.iter().any(|t| t == "kafka")
+            && bench.kafka_rows() != bench.args.rows
+        {
             bench.ensure_source("bench_src_k", bench.kafka_rows()).await?;
         }
         Ok(bench)

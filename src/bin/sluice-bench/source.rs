@@ -120,8 +120,8 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<SourceFigures> {
     // 2. Streaming: a backlog of M changes in the slot, then read at once.
     bench.ensure_source("bench_cu", CATCHUP_USERS).await?;
     let counting = Counting::start(bench, "bench_cu", SnapshotMode::Never)?;
+    let admin = crate::scenario::pg(&bench.url("postgres")).await?;
     wait_for("the slot", Duration::from_secs(60), Duration::from_millis(100), || async {
-        let admin = crate::scenario::pg(&bench.url("postgres")).await?;
         Ok(admin
             .query_opt(
                 "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL",
