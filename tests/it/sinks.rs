@@ -367,6 +367,42 @@ async fn a_poison_row_is_dead_lettered_and_the_others_are_applied() {
     }
 }
 
+/// Snapshot rows are copied straight into the target; a poison row among them is still
+/// dead-lettered alone, and keys the target holds already are upserted instead.
+#[tokio::test]
+async fn snapshot_rows_are_copied_into_the_postgres_target_and_upserted_where_keys_exist() {
+    let pg = PgDb::create("snapcopy_pg").await;
+    pg.exec("CREATE TABLE accounts (id bigint PRIMARY KEY, name text, balance numeric(12,2) CHECK (balance >= 0), bio text)").await;
+    let target = Target::Pg(pg);
+    let mut sink = target.spec().build("acc").expect("sink");
+    sink.open().await.expect("open");
+    let read = |seq: u64, id: i64, name: &str, balance: &str| {
+        change(Op::Read, 0, seq, None, Some(row(id, name, balance, Value::Null)))
+    };
+    let snapshot_cp = Checkpoint::source(Position { lsn: 0, seq: 3 }, None);
+    sink.write(items(vec![read(1, 1, "ann", "1.00"), read(2, 2, "poison", "-2.00"), read(3, 3, "cid", "3.00")]).await)
+        .await
+        .expect("write");
+    sink.commit(&snapshot_cp, snapshot_cp.stream_offsets(STREAM)).await.expect("commit");
+    let ids: Vec<i64> = target.state().await.iter().map(|r| r.0).collect();
+    assert_eq!(ids, vec![1, 3], "the poison row alone is left out");
+    // Keys the target holds already: the copy falls back to the upsert.
+    let done = Checkpoint::source(Position::SNAPSHOT_DONE, None);
+    sink.write(items(vec![read(4, 1, "ann again", "1.50"), read(5, 5, "eve", "5.00")]).await).await.expect("write");
+    sink.commit(&done, done.stream_offsets(STREAM)).await.expect("commit");
+    assert_eq!(
+        target.state().await,
+        vec![
+            (1, "ann again".into(), "1.50".into(), None),
+            (3, "cid".into(), "3.00".into(), None),
+            (5, "eve".into(), "5.00".into(), None)
+        ]
+    );
+    let Target::Pg(db) = &target else { unreachable!() };
+    let letters = db.rows("SELECT seq::text FROM sluice_dead_letter WHERE sink = 'acc'").await;
+    assert_eq!(letters, vec![vec![Some("2".to_string())]]);
+}
+
 #[tokio::test]
 async fn parquet_files_rotate_by_rows_into_hive_folders() {
     let dir = TempDir::new("rotate");

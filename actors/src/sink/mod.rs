@@ -135,6 +135,10 @@ pub async fn run<S: Sink>(
                 Some(e) => e,
                 None => {
                     flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
+                    if draining {
+                        // Stopping and idle: what a sink holds back (Parquet) is made durable now.
+                        sink.tick(true).await?.into_iter().for_each(&on_commit);
+                    }
                     continue;
                 }
             }

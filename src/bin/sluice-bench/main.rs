@@ -20,8 +20,10 @@
 #![allow(unreachable_pub)] // a binary: `pub` only shares items between its modules
 
 mod daemon;
+mod kafka;
 mod native;
 mod scenario;
+mod sinks;
 mod source;
 
 use std::time::Duration;
@@ -63,6 +65,19 @@ pub struct Args {
     /// events/s of a --changes backlog, into a consumer that discards.
     #[arg(long)]
     pub source_only: bool,
+    /// Measure only the sinks: --rows generated `users` changes (50/50 inserts and
+    /// updates) through the mapper and writer actors into each sink kind, and the
+    /// mapping stage alone.
+    #[arg(long, conflicts_with = "source_only")]
+    pub sinks_only: bool,
+    /// Measure only the Kafka transport: --rows generated `users` changes through the
+    /// producer actor to the broker, then read back by the consumer actor into a
+    /// discarding end.
+    #[arg(long, conflicts_with_all = ["source_only", "sinks_only"])]
+    pub kafka_only: bool,
+    /// Changes per generated transaction (--sinks-only, --kafka-only).
+    #[arg(long, default_value_t = 1000)]
+    pub txn_rows: usize,
     /// PostgreSQL server (a superuser; databases bench_* are created and dropped).
     #[arg(long, env = "SLUICE_BENCH_PG", default_value = "postgres://postgres@127.0.0.1:5432")]
     pub pg: String,
@@ -139,6 +154,20 @@ async fn main() -> anyhow::Result<()> {
             "rows": args.rows, "changes": args.changes, "source": figures,
         });
         return emit(&line, &args);
+    }
+    if args.sinks_only || args.kafka_only {
+        let (name, figures) = if args.sinks_only {
+            ("sluice-sinks", serde_json::to_value(sinks::measure(&bench).await.context("the sinks alone")?)?)
+        } else {
+            ("sluice-kafka", serde_json::to_value(kafka::measure(&bench).await.context("the Kafka transport alone")?)?)
+        };
+        let line = json!({
+            "bench": name, "cores": num_cores(), "load_before": load_before, "load_after": load(),
+            "rows": args.rows, "txn_rows": args.txn_rows, "figures": figures,
+        });
+        emit(&line, &args)?;
+        bench.cleanup().await;
+        return Ok(());
     }
     eprintln!("[bench] machine load before: {load_before}; cores: {}", num_cores());
     let mut results = Vec::new();

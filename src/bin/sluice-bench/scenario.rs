@@ -14,6 +14,10 @@ use crate::{Args, wait_for};
 
 /// Users in the source of the catch-up and latency runs (updates and deletes need rows).
 pub const CATCHUP_USERS: u64 = 10_000;
+/// The local broker (tansu 0.6) holds every fetch for `fetch.wait.max.ms` even when data
+/// is there, so a change waits 1.5 times that on average: a short wait, as
+/// `conf/kafka.toml` advises for it (a Kafka broker answers as soon as data arrives).
+const TANSU_OPTIONS: &str = "options = { \"fetch.wait.max.ms\" = \"5\" }";
 const PORT: u16 = 7891;
 /// How long any one phase may take before the benchmark gives up on it.
 const PHASE_LIMIT: Duration = Duration::from_secs(1800);
@@ -83,6 +87,9 @@ impl Bench {
         let bin = std::env::current_exe()?.with_file_name("sluice");
         anyhow::ensure!(bin.exists(), "{} is missing: build the workspace's binaries first", bin.display());
         let bench = Bench { args, dir, bin };
+        if bench.args.sinks_only || bench.args.kafka_only {
+            return Ok(bench);
+        }
         bench.ensure_source("bench_src", bench.args.rows).await?;
         if !bench.args.source_only
             && bench.args.transports.iter().any(|t| t == "kafka")
@@ -154,7 +161,7 @@ impl Bench {
         Ok(())
     }
 
-    async fn fresh_mysql(&self, db: &str) -> anyhow::Result<()> {
+    pub async fn fresh_mysql(&self, db: &str) -> anyhow::Result<()> {
         let mut c = mysql_async::Conn::from_url(self.args.mysql.as_str()).await.context("connect to MariaDB")?;
         c.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await?;
         c.query_drop(format!("CREATE DATABASE `{db}`")).await?;
@@ -162,7 +169,7 @@ impl Bench {
         Ok(())
     }
 
-    fn mysql_url(&self, db: &str) -> String {
+    pub fn mysql_url(&self, db: &str) -> String {
         format!("{}/{db}", self.args.mysql.trim_end_matches('/'))
     }
 
@@ -231,7 +238,8 @@ impl Bench {
             Transport::Kafka => {
                 let prefix = format!("bench{}", chrono::Utc::now().timestamp_millis());
                 format!(
-                    "[transport]\nkind = \"kafka\"\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup = \"{prefix}\"\n",
+                    "[transport]\nkind = \"kafka\"\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup = \"{prefix}\"\n\
+                     {TANSU_OPTIONS}\n",
                     self.args.kafka
                 )
             }

@@ -93,7 +93,7 @@ impl Counting {
     }
 }
 
-fn own_peak_rss_mb() -> f64 {
+pub fn own_peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()

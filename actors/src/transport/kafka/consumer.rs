@@ -269,7 +269,8 @@ pub async fn run(
     let mut touched: HashMap<PartitionKey, Touched> = HashMap::new();
     let mut dead_letters: Option<FutureProducer> = None;
     let mut partition_counts: HashMap<String, usize> = HashMap::new();
-    let linger = Duration::from_millis(10);
+    // A fetch response arrives whole: a few milliseconds gather it into one batch.
+    let linger = Duration::from_millis(5);
     // Set by the first change that waits: a steady trickle of messages must not keep
     // postponing the flush (a sleep made afresh each turn would).
     let mut due: Option<tokio::time::Instant> = None;

@@ -1,0 +1,110 @@
+//! The Kafka transport alone (`--kafka-only`): the producer and the consumer actors on
+//! the local Kafka-protocol broker, in this process, without a database.
+//!
+//! 1. producer: `--rows` generated `users` changes (about 1 KB each, see [`Generator`]),
+//!    in transactions of `--txn-rows`, through the producer actor: events/s until the
+//!    last transaction is acknowledged (delivered with `acks=all`);
+//! 2. consumer: the same topic read back by the consumer actor into a discarding end
+//!    (decoded into typed changes, then dropped): events/s until the last change.
+//!
+//! The topic prefix is fresh on each run, so nothing of an earlier run is read.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use sluice_actors::fault::Faults;
+use sluice_actors::mailbox::mailbox;
+use sluice_actors::message::{Event, Position};
+use sluice_actors::transport::kafka::KafkaOptions;
+use sluice_actors::transport::kafka::consumer::{self, ConsumerOptions};
+use sluice_actors::transport::kafka::producer::{self, ProducerOptions};
+use tokio::sync::watch;
+
+use crate::scenario::Bench;
+use crate::sinks::Generator;
+
+#[derive(Debug, Serialize)]
+pub struct KafkaFigures {
+    pub produced_events_per_s: f64,
+    pub consumed_events_per_s: f64,
+    /// Peak RSS of the benchmark process (MB).
+    pub peak_rss_mb: f64,
+}
+
+pub async fn measure(bench: &Bench) -> anyhow::Result<KafkaFigures> {
+    let (rows, txn_rows) = (bench.args.rows, bench.args.txn_rows);
+    let prefix = format!("benchk{}", chrono::Utc::now().timestamp_millis());
+    let kafka = KafkaOptions {
+        brokers: bench.args.kafka.clone(),
+        topic_prefix: prefix.clone(),
+        // The daemon's defaults.
+        partitions: 3,
+        replication_factor: 1,
+        compression: "lz4".into(),
+        extra: Default::default(),
+    };
+
+    // 1. Produce.
+    let (to_producer, input) = mailbox::<Event>("producer", "bench->producer", 4096);
+    let (confirm_tx, mut confirm) = watch::channel(0u64);
+    let options =
+        ProducerOptions { kafka: kafka.clone(), database: "bench".into(), slot: prefix.clone(), generation: 0 };
+    let task = tokio::spawn(producer::run(options, input, confirm_tx, Faults::default()));
+    let mut generator = Generator::new();
+    let table = generator.table().clone();
+    let transactions = rows.div_ceil(txn_rows as u64);
+    let started = Instant::now();
+    let mut last = 0;
+    for _ in 0..transactions {
+        let (batch, checkpoint) = generator.transaction(txn_rows);
+        last = checkpoint.confirm_lsn.unwrap_or_default();
+        to_producer.send(Event::Data(std::sync::Arc::new(batch))).await?;
+        to_producer.send(Event::Checkpoint(checkpoint)).await?;
+    }
+    let done = tokio::time::timeout(Duration::from_secs(1800), confirm.wait_for(|c| *c >= last)).await;
+    anyhow::ensure!(matches!(done, Ok(Ok(_))), "the broker did not acknowledge the last transaction in time");
+    let events = transactions * txn_rows as u64;
+    let produced = events as f64 / started.elapsed().as_secs_f64();
+    eprintln!("[bench] Kafka producer: {produced:.0} events/s ({events} changes acknowledged by the broker)");
+    drop(to_producer);
+    task.await.context("the producer")??;
+
+    // 2. Consume into a discarding end.
+    let (out, mut input) = mailbox::<Event>("discard", "consumer->discard", 4096);
+    let (_commits_tx, commits) = tokio::sync::mpsc::unbounded_channel();
+    let options = ConsumerOptions {
+        kafka,
+        group: prefix,
+        instance: None,
+        sink: "discard".into(),
+        tables: vec![table],
+        batch_rows: 1000,
+        source: None,
+    };
+    let no_offsets: consumer::OffsetsReader = Box::new(|| Box::pin(async { Ok(Vec::new()) }));
+    let started = Instant::now();
+    let task = tokio::spawn(consumer::run(options, out, no_offsets, commits, Faults::default()));
+    let mut seen = 0u64;
+    let counted = tokio::time::timeout(Duration::from_secs(1800), async {
+        while seen < events {
+            match input.recv().await {
+                Some(Event::Data(batch)) => {
+                    seen += batch.changes.iter().filter(|c| c.position > Position::START).count() as u64
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    })
+    .await;
+    anyhow::ensure!(counted.is_ok() && seen >= events, "the consumer read {seen} of {events} changes in time");
+    let consumed = events as f64 / started.elapsed().as_secs_f64();
+    eprintln!("[bench] Kafka consumer: {consumed:.0} events/s (decoded into typed changes and dropped)");
+    task.abort();
+    Ok(KafkaFigures {
+        produced_events_per_s: produced,
+        consumed_events_per_s: consumed,
+        peak_rss_mb: crate::source::own_peak_rss_mb(),
+    })
+}

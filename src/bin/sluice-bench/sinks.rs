@@ -1,0 +1,268 @@
+//! The sinks alone (`--sinks-only`): rows/s of each sink writer and of the mapping stage,
+//! without a source, in this process.
+//!
+//! A generator builds `users` changes like the load generator's (about 1 KB a row; half
+//! inserts of new ids, half full-row updates of ids inserted before, in transactions of
+//! `--txn-rows` changes) and feeds them through the same mapper and writer actors
+//! the daemon runs, into one sink at a time on a fresh target. The rate is the rows of
+//! the run over the time from the first change sent to the last checkpoint the sink made
+//! durable. The mapping stage is timed apart on batches built beforehand: the identity
+//! (no mapping file) and the renaming, lowercasing, filtering `queries/mysql.sql`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use sluice_actors::fault::Faults;
+use sluice_actors::mailbox::mailbox;
+use sluice_actors::mapper::{self, Mapper, Mapping, SinkEvent, plan};
+use sluice_actors::message::{Change, ChangeBatch, Checkpoint, Event, Op, Position, Row};
+use sluice_actors::schema::{Column, PgType, ReplicaIdentity, TableId, TableSchema};
+use sluice_actors::sink::parquet::{ParquetOptions, S3Options, open_store};
+use sluice_actors::sink::{self, Sink, SinkSpec, WriterOptions};
+use sluice_actors::value::Value;
+use tokio::sync::watch;
+
+use crate::scenario::Bench;
+
+/// Rows per mapped batch when the mapping stage is timed alone.
+const MAP_BATCH_ROWS: usize = 1000;
+/// Rows of batches the mapping stage is timed on.
+const MAP_ROWS: usize = 200_000;
+/// Parquet files are put every this many rows (the daemon's default is 100,000).
+const PARQUET_ROTATE_ROWS: usize = 100_000;
+
+#[derive(Debug, Serialize)]
+pub struct SinkFigures {
+    /// Rows/s per sink kind.
+    pub rows_per_s: std::collections::BTreeMap<String, f64>,
+    /// Rows/s of the mapping stage alone: identity, and SQL (`queries/mysql.sql`).
+    pub mapping_identity_rows_per_s: f64,
+    pub mapping_sql_rows_per_s: f64,
+    /// Peak RSS of the benchmark process (MB).
+    pub peak_rss_mb: f64,
+}
+
+/// The `users` table of the load generator.
+fn users_schema() -> Arc<TableSchema> {
+    let col = |name: &str, pg_type: PgType, nullable: bool| Column { name: name.into(), pg_type, nullable, key: false };
+    let text = || PgType::Text("text".into());
+    let mut columns = vec![
+        col("id", PgType::Int8, false),
+        col("name", text(), false),
+        col("email", text(), false),
+        col("company", text(), true),
+        col("address", text(), true),
+        col("birthdate", PgType::Date, true),
+        col("bio", text(), true),
+        col("balance", PgType::Numeric(Some((12, 2))), false),
+        col("attributes", PgType::Jsonb, true),
+        col("external_id", PgType::Uuid, false),
+        col("active", PgType::Bool, false),
+        col("created_at", PgType::TimestampTz, false),
+        col("updated_at", PgType::TimestampTz, false),
+    ];
+    columns[0].key = true;
+    Arc::new(TableSchema {
+        id: TableId::new("public", "users"),
+        version: 1,
+        columns,
+        replica_identity: ReplicaIdentity::Default,
+    })
+}
+
+/// Deterministic `users` changes: half inserts of new ids, half updates of earlier ones.
+pub struct Generator {
+    schema: Arc<TableSchema>,
+    bios: Vec<String>,
+    state: u64,
+    inserted: i64,
+    txn: u64,
+}
+
+const FIRST: [&str; 8] = ["Ada", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro"];
+const LAST: [&str; 8] = ["Lovelace", "Rossi", "Nakamura", "Okafor", "Schmidt", "Haddad", "Moreau", "Silva"];
+const COMPANY: [&str; 4] = ["Acme Corp", "Globex", "Initech", "Umbrella plc"];
+const WORDS: [&str; 12] =
+    ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "tempor", "magna"];
+/// Microseconds since the epoch of 2026-01-01.
+const EPOCH_2026: i64 = 1_767_225_600_000_000;
+
+impl Generator {
+    pub fn new() -> Self {
+        let mut g = Generator { schema: users_schema(), bios: Vec::new(), state: 42, inserted: 0, txn: 0 };
+        // Bios of 500 to 1,000 bytes: rows of about 1 KB, stored inline (not TOASTed).
+        g.bios = (0..64)
+            .map(|_| {
+                let len = 500 + (g.next() % 500) as usize;
+                let mut bio = String::with_capacity(len + 16);
+                while bio.len() < len {
+                    bio.push_str(WORDS[(g.next() % WORDS.len() as u64) as usize]);
+                    bio.push(' ');
+                }
+                bio
+            })
+            .collect();
+        g
+    }
+
+    pub fn table(&self) -> &TableId {
+        &self.schema.id
+    }
+
+    /// splitmix64.
+    fn next(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn row(&mut self, id: i64, now: i64) -> Row {
+        let r = self.next();
+        let pick = |n: usize, shift: u32| ((r >> shift) as usize) % n;
+        let (first, last) = (FIRST[pick(8, 0)], LAST[pick(8, 3)]);
+        vec![
+            Value::Int8(id),
+            Value::Text(format!("{first} {last}")),
+            Value::Text(format!("{}.{}{id}@example.com", first.to_lowercase(), last.to_lowercase())),
+            Value::Text(COMPANY[pick(4, 6)].into()),
+            Value::Text(format!("{} Market Street, Springfield", (r >> 8) % 9999)),
+            Value::Date(((r >> 16) % 20_000) as i32 - 10_000),
+            Value::Text(self.bios[pick(64, 24)].clone()),
+            Value::Numeric(format!("{}.{:02}", (r >> 32) % 100_000, (r >> 48) % 100)),
+            Value::Json(format!(r#"{{"plan": "pro", "score": {}, "tags": ["a", "b"]}}"#, (r >> 40) % 1000)),
+            Value::Uuid(u128::from(r) << 64 | id as u128),
+            Value::Bool(!r.is_multiple_of(10)),
+            Value::TimestampTz(EPOCH_2026 + id),
+            Value::TimestampTz(now),
+        ]
+    }
+
+    /// The next transaction of `rows` changes, and the checkpoint that closes it.
+    pub fn transaction(&mut self, rows: usize) -> (ChangeBatch, Checkpoint) {
+        self.txn += 1;
+        let lsn = self.txn * 1_000_000;
+        let now = EPOCH_2026 + self.txn as i64 * 1000;
+        let mut changes = Vec::with_capacity(rows);
+        for seq in 1..=rows as u64 {
+            let update = seq.is_multiple_of(2) && self.inserted > 0;
+            let (op, id) = if update {
+                (Op::Update, 1 + (self.next() % self.inserted as u64) as i64)
+            } else {
+                self.inserted += 1;
+                (Op::Insert, self.inserted)
+            };
+            let after = self.row(id, now);
+            changes.push(Change {
+                op,
+                before: None,
+                after: Some(after),
+                position: Position { lsn, seq },
+                lsn: lsn - 1000 + seq,
+                xid: self.txn as u32,
+                commit_micros: now,
+            });
+        }
+        let batch =
+            ChangeBatch { table: self.schema.id.clone(), schema: self.schema.clone(), changes, snapshot_last: false };
+        (batch, Checkpoint::source(Position::txn_end(lsn), Some(lsn + 1)))
+    }
+}
+
+/// Rows/s of `rows` changes through the mapper and writer actors into `spec`'s sink.
+async fn through_sink(kind: &str, spec: SinkSpec, rows: u64, txn_rows: usize) -> anyhow::Result<f64> {
+    let mut target = spec.build(kind)?;
+    target.open().await.with_context(|| format!("open the {kind} sink"))?;
+    let capacity = 4096;
+    let (to_mapper, mapper_in) = mailbox::<Event>(format!("{kind}.mapper"), "bench->mapper", capacity);
+    let (to_writer, writer_in) = mailbox::<SinkEvent>(format!("{kind}.writer"), "mapper->writer", capacity);
+    let (durable_tx, mut durable) = watch::channel(Position::START);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mapper_task =
+        tokio::spawn(mapper::run(kind.into(), Mapper::new(Mapping::Identity), mapper_in, to_writer, Faults::default()));
+    let options = WriterOptions { sink: kind.into(), stream: "bench".into(), max_unit_rows: 2000, durable: None };
+    let on_commit = move |cp: Checkpoint| {
+        durable_tx.send_replace(cp.position);
+    };
+    let writer_task = tokio::spawn(sink::run(target, options, writer_in, on_commit, stop_rx, Faults::default()));
+    let mut generator = Generator::new();
+    let transactions = rows.div_ceil(txn_rows as u64);
+    let started = Instant::now();
+    let mut last = Position::START;
+    for _ in 0..transactions {
+        let (batch, checkpoint) = generator.transaction(txn_rows);
+        last = checkpoint.position;
+        to_mapper.send(Event::Data(Arc::new(batch))).await?;
+        to_mapper.send(Event::Checkpoint(checkpoint)).await?;
+    }
+    // Nothing more comes: the writer makes what it holds durable as soon as it is idle.
+    stop_tx.send_replace(true);
+    let done = tokio::time::timeout(Duration::from_secs(1800), durable.wait_for(|p| *p >= last)).await;
+    anyhow::ensure!(matches!(done, Ok(Ok(_))), "the {kind} sink did not make the last transaction durable in time");
+    let rate = (transactions * txn_rows as u64) as f64 / started.elapsed().as_secs_f64();
+    drop(to_mapper);
+    mapper_task.await??;
+    writer_task.await??;
+    Ok(rate)
+}
+
+/// Rows/s of [`Mapper::map`] alone over batches built beforehand.
+async fn mapping_rate(mapping: Mapping) -> anyhow::Result<f64> {
+    let mut generator = Generator::new();
+    let batches: Vec<ChangeBatch> =
+        (0..MAP_ROWS / MAP_BATCH_ROWS).map(|_| generator.transaction(MAP_BATCH_ROWS).0).collect();
+    let mut mapper = Mapper::new(mapping);
+    let targets = mapper.targets(&generator.schema).await?;
+    let started = Instant::now();
+    let mut mapped = 0;
+    for batch in &batches {
+        mapped += Mapper::map(batch, &targets).iter().map(|i| i.rows()).sum::<usize>();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    anyhow::ensure!(mapped > 0, "the mapping produced no rows");
+    Ok(MAP_ROWS as f64 / elapsed)
+}
+
+pub async fn measure(bench: &Bench) -> anyhow::Result<SinkFigures> {
+    let (rows, txn_rows) = (bench.args.rows, bench.args.txn_rows);
+    let identity = mapping_rate(Mapping::Identity).await?;
+    eprintln!("[bench] mapping stage, identity: {identity:.0} rows/s");
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/queries/mysql.sql");
+    let statements = plan::load_file(std::path::Path::new(file)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sql = mapping_rate(Mapping::Sql(statements)).await?;
+    eprintln!("[bench] mapping stage, SQL (rename, lower(), WHERE): {sql:.0} rows/s");
+
+    let mut rows_per_s = std::collections::BTreeMap::new();
+    for kind in ["postgres", "mysql", "parquet"] {
+        let spec = match kind {
+            "postgres" => {
+                bench.fresh_pg("bench_t_pg").await?;
+                SinkSpec::Postgres { config: Box::new(bench.url("bench_t_pg").parse().context("sink url")?) }
+            }
+            "mysql" => {
+                bench.fresh_mysql("bench_t_my").await?;
+                SinkSpec::Mysql { url: bench.mysql_url("bench_t_my") }
+            }
+            _ => {
+                let lake = bench.dir.join("lake");
+                let _ = std::fs::remove_dir_all(&lake);
+                let (store, prefix) = open_store(&lake.to_string_lossy(), &S3Options::default())?;
+                SinkSpec::Parquet(ParquetOptions { store, prefix, rotate_rows: PARQUET_ROTATE_ROWS, rotate_secs: 60 })
+            }
+        };
+        let rate = through_sink(kind, spec, rows, txn_rows).await.with_context(|| format!("the {kind} sink"))?;
+        eprintln!(
+            "[bench] {kind} sink: {rate:.0} rows/s ({rows} changes, 50/50 inserts/updates, {txn_rows} per transaction)"
+        );
+        rows_per_s.insert(kind.to_string(), rate);
+    }
+    Ok(SinkFigures {
+        rows_per_s,
+        mapping_identity_rows_per_s: identity,
+        mapping_sql_rows_per_s: sql,
+        peak_rss_mb: crate::source::own_peak_rss_mb(),
+    })
+}
