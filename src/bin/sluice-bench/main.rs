@@ -75,6 +75,12 @@ pub struct Args {
     /// discarding end.
     #[arg(long, conflicts_with_all = ["source_only", "sinks_only"])]
     pub kafka_only: bool,
+    /// Extra librdkafka settings for --kafka-only (`--kafka-option linger.ms=20`, repeatable).
+    #[arg(long, value_parser = parse_key_value)]
+    pub kafka_option: Vec<(String, String)>,
+    /// Sink kinds for --sinks-only.
+    #[arg(long, value_delimiter = ',', default_value = "postgres,mysql,parquet")]
+    pub sink_kinds: Vec<String>,
     /// Changes per generated transaction (--sinks-only, --kafka-only).
     #[arg(long, default_value_t = 1000)]
     pub txn_rows: usize,
@@ -229,6 +235,10 @@ fn emit(line: &serde_json::Value, args: &Args) -> anyhow::Result<()> {
         std::fs::write(path, format!("{line}\n")).with_context(|| format!("write {}", path.display()))?;
     }
     Ok(())
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
 fn num_cores() -> usize {

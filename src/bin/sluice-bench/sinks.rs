@@ -236,7 +236,7 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<SinkFigures> {
     eprintln!("[bench] mapping stage, SQL (rename, lower(), WHERE): {sql:.0} rows/s");
 
     let mut rows_per_s = std::collections::BTreeMap::new();
-    for kind in ["postgres", "mysql", "parquet"] {
+    for kind in bench.args.sink_kinds.iter().map(String::as_str) {
         let spec = match kind {
             "postgres" => {
                 bench.fresh_pg("bench_t_pg").await?;
@@ -246,12 +246,13 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<SinkFigures> {
                 bench.fresh_mysql("bench_t_my").await?;
                 SinkSpec::Mysql { url: bench.mysql_url("bench_t_my") }
             }
-            _ => {
+            "parquet" => {
                 let lake = bench.dir.join("lake");
                 let _ = std::fs::remove_dir_all(&lake);
                 let (store, prefix) = open_store(&lake.to_string_lossy(), &S3Options::default())?;
                 SinkSpec::Parquet(ParquetOptions { store, prefix, rotate_rows: PARQUET_ROTATE_ROWS, rotate_secs: 60 })
             }
+            other => anyhow::bail!("--sink-kinds: unknown sink kind {other:?} (postgres, mysql, parquet)"),
         };
         let rate = through_sink(kind, spec, rows, txn_rows).await.with_context(|| format!("the {kind} sink"))?;
         eprintln!(

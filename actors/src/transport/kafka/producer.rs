@@ -62,6 +62,11 @@ pub fn create(kafka: &KafkaOptions) -> Result<FutureProducer> {
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        // With several requests in flight, librdkafka's broker thread spins while it waits
+        // for a broker slower than the source (measured: 85 us of CPU per event against
+        // 12 with one, at the same rate): one in flight, with large batches, keeps a core
+        // free and loses nothing at these batch sizes.
+        .set("max.in.flight.requests.per.connection", "1")
         .set("compression.type", &kafka.compression)
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
