@@ -4,6 +4,9 @@
 #   scripts/bench.sh                                  # the full run (about 20 minutes)
 #   scripts/bench.sh --rows 100000 --changes 50000    # a quick one
 #   scripts/bench.sh --transports direct --skip-native
+#   scripts/bench.sh --source-only                    # the source into a discarding consumer
+#   scripts/bench.sh --sinks-only                     # each sink writer, and the mapping stage
+#   scripts/bench.sh --kafka-only --rows 100000       # the producer and consumer actors
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SLUICE_CACHE="${SLUICE_CACHE:-$HOME/.cache/sluice}"

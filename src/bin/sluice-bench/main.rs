@@ -19,6 +19,10 @@
 
 #![allow(unreachable_pub)] // a binary: `pub` only shares items between its modules
 
+/// The same allocator as the daemon (see `src/main.rs`), so in-process figures compare.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod daemon;
 mod kafka;
 mod native;
