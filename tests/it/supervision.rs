@@ -244,7 +244,7 @@ async fn a_stalled_sink_stops_the_source_with_exact_counts_and_it_resumes_after(
     let emitted = stalled.emitted - before.emitted;
     let taken = stalled.taken - before.taken;
     assert_eq!(stalled.depths, [CAPACITY; 3], "every mailbox is exactly full");
-    // Two units per transaction (its row and its checkpoint) wait in the WAL: the source
+    // Up to two units per transaction (its row and its checkpoint) wait in the WAL: the source
     // stopped reading. In flight: the three mailboxes, plus the one message the fan-out and
     // the mapper each hold while they wait to hand it on.
     assert_eq!(taken, 1, "the writer took one message and stalled on it");
@@ -256,8 +256,11 @@ async fn a_stalled_sink_stops_the_source_with_exact_counts_and_it_resumes_after(
     let config = daemon.dir.path().join("sluice.toml");
     let report = validate_until_equal(&config, None, T).await;
     assert_eq!(report.differences, 0, "{:#?}", report.lines);
-    wait_until("every row and checkpoint emitted", T, || async {
-        flow(port).emitted - before.emitted == 2 * summary.changes
+    // Everything the source emitted reached the writer (the checkpoints of consecutive
+    // transactions read at once travel as one, so their number depends on timing).
+    wait_until("every message taken by the writer", T, || async {
+        let f = flow(port);
+        f.depths == [0, 0, 0] && f.taken - before.taken == f.emitted - before.emitted
     })
     .await;
     daemon.stop().expect("graceful stop");

@@ -15,6 +15,13 @@
 //! and every later one has a commit LSN of at least `wal_end`, so it still sorts after the
 //! heartbeat; the slot then advances on a database whose tables do not change.
 //!
+//! Batching: while the stream has more to read at once, the changes of consecutive
+//! transactions gather into one batch (up to `batch_rows`, per table in stream order), and
+//! only the newest transaction's checkpoint follows them: a busy stream of small
+//! transactions travels as large batches (mapping, fan-out and sink units cost per batch),
+//! an idle one is emitted as soon as its commit is read. A checkpoint still never closes a
+//! unit that holds part of a later transaction (see [`Gather`]).
+//!
 //! Schema changes: a Relation message that differs from the table's current schema makes a
 //! new [`TableSchema`] version; the batch in progress is flushed first, so every batch
 //! carries the schema its rows follow.
@@ -53,7 +60,65 @@ struct Txn {
     xid: u32,
     commit_micros: i64,
     seq: u64,
+}
+
+/// Changes read but not emitted yet, possibly of several transactions, and the checkpoint
+/// of the newest transaction committed among them.
+///
+/// Invariant: the first `committed` changes of `batch` belong to transactions that ended
+/// at or before `ready`, the rest to the open one. Whenever rows are emitted, `ready` goes
+/// right after the committed ones and before the others, so a checkpoint never closes a
+/// unit holding part of a later transaction.
+#[derive(Default)]
+struct Gather {
     batch: Option<ChangeBatch>,
+    committed: usize,
+    ready: Option<Checkpoint>,
+}
+
+impl Gather {
+    fn is_empty(&self) -> bool {
+        self.batch.is_none() && self.ready.is_none()
+    }
+
+    /// A transaction committed: everything gathered so far is committed.
+    fn commit(&mut self, checkpoint: Checkpoint) {
+        self.committed = self.batch.as_ref().map_or(0, ChangeBatch::len);
+        self.ready = Some(checkpoint);
+    }
+
+    /// Sends what is gathered, in order; returns the confirm LSN of the checkpoint sent.
+    async fn emit(&mut self, out: &Sender<Event>) -> Result<Option<u64>> {
+        let committed = std::mem::take(&mut self.committed);
+        let Some(checkpoint) = self.ready.take() else {
+            if let Some(batch) = self.batch.take() {
+                out.send(Event::Data(Arc::new(batch))).await?;
+            }
+            return Ok(None);
+        };
+        let open = match self.batch.take() {
+            Some(mut batch) => {
+                let open = batch.changes.split_off(committed.min(batch.changes.len()));
+                let rest = ChangeBatch {
+                    table: batch.table.clone(),
+                    schema: batch.schema.clone(),
+                    changes: open,
+                    snapshot_last: false,
+                };
+                if !batch.is_empty() {
+                    out.send(Event::Data(Arc::new(batch))).await?;
+                }
+                Some(rest).filter(|r| !r.is_empty())
+            }
+            None => None,
+        };
+        let confirm = checkpoint.confirm_lsn;
+        out.send(Event::Checkpoint(checkpoint)).await?;
+        if let Some(open) = open {
+            out.send(Event::Data(Arc::new(open))).await?;
+        }
+        Ok(confirm)
+    }
 }
 
 /// Decoding state that survives reconnections: relation and type caches, current schemas.
@@ -86,6 +151,7 @@ pub async fn stream(
     faults: &Faults,
 ) -> Result<bool> {
     let mut txn: Option<Txn> = None;
+    let mut gather = Gather::default();
     let mut last_emitted_confirm: u64 = *confirm.borrow();
     let mut last_heartbeat = Instant::now();
     let mut confirmed = *confirm.borrow_and_update();
@@ -96,6 +162,9 @@ pub async fn stream(
             biased;
             Ok(()) = stop.changed() => {
                 if *stop.borrow() {
+                    if let Some(c) = gather.emit(out).await? {
+                        last_emitted_confirm = c;
+                    }
                     return drain(repl, confirm, last_emitted_confirm).await.map(|_| true);
                 }
                 continue;
@@ -113,6 +182,13 @@ pub async fn stream(
                 continue;
             }
             event = repl.recv() => event,
+            // Nothing more is waiting in the stream: what was gathered goes downstream.
+            () = std::future::ready(()), if !gather.is_empty() => {
+                if let Some(c) = gather.emit(out).await? {
+                    last_emitted_confirm = c;
+                }
+                continue;
+            }
         };
         let event = match event {
             Ok(Some(e)) => e,
@@ -123,7 +199,7 @@ pub async fn stream(
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 let wal_end = wal_end.as_u64();
                 metrics::gauge!(m::SOURCE_LAG_BYTES).set(wal_end.saturating_sub(confirmed) as f64);
-                let idle = txn.is_none() && confirmed >= last_emitted_confirm;
+                let idle = txn.is_none() && gather.is_empty() && confirmed >= last_emitted_confirm;
                 if idle && wal_end > last_emitted_confirm.max(1) && last_heartbeat.elapsed() >= options.heartbeat {
                     last_heartbeat = Instant::now();
                     last_emitted_confirm = wal_end;
@@ -137,27 +213,25 @@ pub async fn stream(
                     xid,
                     commit_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
                     seq: 0,
-                    batch: None,
                 });
             }
             ReplicationEvent::Commit { lsn, end_lsn, .. } => {
-                let Some(mut t) = txn.take() else {
+                if txn.take().is_none() {
                     return Err(Error::Protocol("Commit without Begin in the replication stream".into()));
-                };
-                faults.hit("wal")?;
-                if let Some(batch) = t.batch.take() {
-                    out.send(Event::Data(Arc::new(batch))).await?;
                 }
-                let end = end_lsn.as_u64();
+                faults.hit("wal")?;
                 let position = Position::txn_end(lsn.as_u64());
-                out.send(Event::Checkpoint(Checkpoint::source(position, Some(end)))).await?;
-                last_emitted_confirm = end;
+                // Sent with what follows while the stream keeps coming (see `Gather`).
+                gather.commit(Checkpoint::source(position, Some(end_lsn.as_u64())));
                 let lag = replication_metrics.last_wal_end().as_u64().saturating_sub(confirmed);
                 metrics::gauge!(m::SOURCE_LAG_BYTES).set(lag as f64);
             }
             ReplicationEvent::XLogData { wal_start, data, .. } => {
                 let message = pgoutput::decode(data).map_err(|e| Error::Protocol(e.to_string()))?;
-                handle_message(message, wal_start.as_u64(), &mut txn, catalog_client, state, options, out).await?;
+                let at = Reading { lsn: wal_start.as_u64(), options, out };
+                if let Some(c) = handle_message(message, at, &mut txn, &mut gather, catalog_client, state).await? {
+                    last_emitted_confirm = c;
+                }
             }
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
@@ -183,36 +257,41 @@ async fn drain(repl: &mut ReplicationClient, confirm: &mut watch::Receiver<u64>,
     Ok(())
 }
 
+/// Where a message was read, and where its changes go.
+struct Reading<'a> {
+    lsn: u64,
+    options: &'a WalOptions,
+    out: &'a Sender<Event>,
+}
+
+/// Decodes one message into `gather`; returns the confirm LSN of a checkpoint it sent.
 async fn handle_message(
     message: Message,
-    lsn: u64,
+    at: Reading<'_>,
     txn: &mut Option<Txn>,
+    gather: &mut Gather,
     catalog_client: &tokio_postgres::Client,
     state: &mut WalState,
-    options: &WalOptions,
-    out: &Sender<Event>,
-) -> Result<()> {
+) -> Result<Option<u64>> {
+    let mut sent = None;
     match message {
         Message::Relation(rel) => {
             let schema = relation_schema(&rel, catalog_client, state).await?;
             if let Some(schema) = &schema {
                 // A batch of the old version must not carry rows of the new one.
-                if let Some(t) = txn.as_mut()
-                    && t.batch.as_ref().is_some_and(|b| b.table == schema.id && !Arc::ptr_eq(&b.schema, schema))
-                    && let Some(batch) = t.batch.take()
-                {
-                    out.send(Event::Data(Arc::new(batch))).await?;
+                if gather.batch.as_ref().is_some_and(|b| b.table == schema.id && !Arc::ptr_eq(&b.schema, schema)) {
+                    sent = gather.emit(at.out).await?;
                 }
             }
             state.relations.insert(rel.oid, schema);
         }
         Message::Insert { relation, new } => {
-            let Some(schema) = lookup(state, relation)? else { return Ok(()) };
+            let Some(schema) = lookup(state, relation)? else { return Ok(None) };
             let after = decode(&schema, &new)?;
-            push(txn, schema, Op::Insert, None, Some(after), lsn, options, out).await?;
+            sent = push(txn, gather, schema, Op::Insert, None, Some(after), &at).await?;
         }
         Message::Update { relation, old, new } => {
-            let Some(schema) = lookup(state, relation)? else { return Ok(()) };
+            let Some(schema) = lookup(state, relation)? else { return Ok(None) };
             let before = old.as_ref().map(|(_, t)| decode(&schema, t)).transpose()?;
             let mut after = decode(&schema, &new)?;
             // With the whole old row at hand, an unchanged TOAST value is known.
@@ -223,17 +302,19 @@ async fn handle_message(
                     }
                 }
             }
-            push(txn, schema, Op::Update, before, Some(after), lsn, options, out).await?;
+            sent = push(txn, gather, schema, Op::Update, before, Some(after), &at).await?;
         }
         Message::Delete { relation, old } => {
-            let Some(schema) = lookup(state, relation)? else { return Ok(()) };
+            let Some(schema) = lookup(state, relation)? else { return Ok(None) };
             let before = decode(&schema, &old.1)?;
-            push(txn, schema, Op::Delete, Some(before), None, lsn, options, out).await?;
+            sent = push(txn, gather, schema, Op::Delete, Some(before), None, &at).await?;
         }
         Message::Truncate { relations, .. } => {
             for relation in relations {
-                if let Some(schema) = lookup(state, relation)? {
-                    push(txn, schema, Op::Truncate, None, None, lsn, options, out).await?;
+                if let Some(schema) = lookup(state, relation)?
+                    && let Some(c) = push(txn, gather, schema, Op::Truncate, None, None, &at).await?
+                {
+                    sent = Some(c);
                 }
             }
         }
@@ -242,7 +323,7 @@ async fn handle_message(
             return Err(Error::Protocol("unexpected Begin/Commit inside XLogData".into()));
         }
     }
-    Ok(())
+    Ok(sent)
 }
 
 fn lookup(state: &WalState, relation: u32) -> Result<Option<Arc<TableSchema>>> {
@@ -309,17 +390,16 @@ fn same_columns(a: &TableSchema, b: &TableSchema) -> bool {
         && a.replica_identity == b.replica_identity
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Adds a change to `gather`; returns the confirm LSN of a checkpoint sent on the way.
 async fn push(
     txn: &mut Option<Txn>,
+    gather: &mut Gather,
     schema: Arc<TableSchema>,
     op: Op,
     before: Option<Vec<Value>>,
     after: Option<Vec<Value>>,
-    lsn: u64,
-    options: &WalOptions,
-    out: &Sender<Event>,
-) -> Result<()> {
+    at: &Reading<'_>,
+) -> Result<Option<u64>> {
     let Some(t) = txn.as_mut() else {
         return Err(Error::Protocol("row change outside a transaction".into()));
     };
@@ -329,26 +409,25 @@ async fn push(
         before,
         after,
         position: Position { lsn: t.commit_lsn, seq: t.seq },
-        lsn,
+        lsn: at.lsn,
         xid: t.xid,
         commit_micros: t.commit_micros,
     };
     metrics::counter!(m::EVENTS_TOTAL, "stage" => "source", "table" => schema.id.to_string()).increment(1);
-    let same_table = t.batch.as_ref().is_some_and(|b| Arc::ptr_eq(&b.schema, &schema));
-    if !same_table && let Some(batch) = t.batch.take() {
-        out.send(Event::Data(Arc::new(batch))).await?;
+    let mut sent = None;
+    let same_table = gather.batch.as_ref().is_some_and(|b| Arc::ptr_eq(&b.schema, &schema));
+    if !same_table && gather.batch.is_some() {
+        sent = gather.emit(at.out).await?;
     }
-    let batch = t.batch.get_or_insert_with(|| ChangeBatch {
+    let batch = gather.batch.get_or_insert_with(|| ChangeBatch {
         table: schema.id.clone(),
         schema: schema.clone(),
         changes: Vec::with_capacity(16),
         snapshot_last: false,
     });
     batch.changes.push(change);
-    if batch.changes.len() >= options.batch_rows
-        && let Some(batch) = t.batch.take()
-    {
-        out.send(Event::Data(Arc::new(batch))).await?;
+    if batch.changes.len() >= at.options.batch_rows {
+        sent = gather.emit(at.out).await?.or(sent);
     }
-    Ok(())
+    Ok(sent)
 }
