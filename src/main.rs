@@ -1,12 +1,6 @@
 //! The `sluice` command line (SPEC.md): run, check, validate, status.
 //! Exit codes: 0 ok, 1 user error, 2 internal error.
 
-/// The daemon allocates and frees many small Arrow buffers per batch: mimalloc spends a
-/// fraction of glibc malloc's time on them (a third of the daemon's CPU in a catch-up
-/// profile went to malloc and free).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -51,6 +45,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    sluice::allocator::tune();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

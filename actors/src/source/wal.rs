@@ -431,3 +431,69 @@ async fn push(
     }
     Ok(sent)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mailbox::mailbox;
+    use crate::schema::ReplicaIdentity;
+
+    fn batch(changes: &[(u64, u64)]) -> ChangeBatch {
+        let schema = Arc::new(TableSchema {
+            id: TableId::new("public", "t"),
+            version: 1,
+            columns: vec![Column { name: "id".into(), pg_type: PgType::Int8, nullable: false, key: true }],
+            replica_identity: ReplicaIdentity::Default,
+        });
+        let changes = changes
+            .iter()
+            .map(|&(lsn, seq)| Change {
+                op: Op::Insert,
+                before: None,
+                after: Some(vec![Value::Int8(seq as i64)]),
+                position: Position { lsn, seq },
+                lsn,
+                xid: 1,
+                commit_micros: 0,
+            })
+            .collect();
+        ChangeBatch { table: schema.id.clone(), schema, changes, snapshot_last: false }
+    }
+
+    /// What reached the mailbox: `D` and the positions of a data batch, `C` and the
+    /// position of a checkpoint.
+    fn drain(rx: &mut crate::mailbox::Mailbox<Event>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(e) = rx.try_recv() {
+            out.push(match e {
+                Event::Data(b) => {
+                    format!("D{:?}", b.changes.iter().map(|c| (c.position.lsn, c.position.seq)).collect::<Vec<_>>())
+                }
+                Event::Checkpoint(cp) => format!("C{}", cp.position.lsn),
+                other => format!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_goes_between_committed_rows_and_the_open_transaction() {
+        let (tx, mut rx) = mailbox::<Event>("t", "test", 100);
+        // Transactions 10 and 20 committed, 30 open: one checkpoint (20's) after 10 and 20.
+        let mut gather = Gather { batch: Some(batch(&[(10, 1), (10, 2), (20, 1)])), ..Gather::default() };
+        gather.commit(Checkpoint::source(Position::txn_end(10), Some(11)));
+        gather.commit(Checkpoint::source(Position::txn_end(20), Some(21)));
+        gather.batch.as_mut().expect("batch").changes.extend(batch(&[(30, 1)]).changes);
+        assert_eq!(gather.emit(&tx).await.expect("emit"), Some(21));
+        assert_eq!(drain(&mut rx), vec!["D[(10, 1), (10, 2), (20, 1)]", &format!("C{}", 20), "D[(30, 1)]"]);
+        assert!(gather.is_empty());
+        // Only open rows: no checkpoint.
+        gather.batch = Some(batch(&[(40, 1)]));
+        assert_eq!(gather.emit(&tx).await.expect("emit"), None);
+        assert_eq!(drain(&mut rx), vec!["D[(40, 1)]"]);
+        // A checkpoint whose rows went out before: alone.
+        gather.commit(Checkpoint::source(Position::txn_end(40), Some(41)));
+        assert_eq!(gather.emit(&tx).await.expect("emit"), Some(41));
+        assert_eq!(drain(&mut rx), vec!["C40"]);
+    }
+}

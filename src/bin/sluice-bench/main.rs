@@ -19,10 +19,6 @@
 
 #![allow(unreachable_pub)] // a binary: `pub` only shares items between its modules
 
-/// The same allocator as the daemon (see `src/main.rs`), so in-process figures compare.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod daemon;
 mod kafka;
 mod native;
@@ -154,6 +150,8 @@ fn print_table(results: &[(Transport, Figures)], native: Option<&native::NativeF
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The daemon's allocator settings, so in-process figures compare.
+    sluice::allocator::tune();
     let args = Args::parse();
     let bench = Bench::new(args.clone()).await.context("prepare the benchmark")?;
     let load_before = load();
