@@ -45,7 +45,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    sluice::allocator::tune();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -243,3 +243,34 @@ pub struct Ack {
     pub downstream: usize,
     pub checkpoint: Checkpoint,
 }
+
+/// Hand-built batches for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::schema::{Column, PgType, ReplicaIdentity};
+
+    /// Inserts into a one-column table `public.t (id bigint key)`, one per (commit LSN,
+    /// seq) position, with `id` = seq.
+    pub(crate) fn inserts(positions: impl IntoIterator<Item = (u64, u64)>) -> ChangeBatch {
+        let schema = Arc::new(TableSchema {
+            id: TableId::new("public", "t"),
+            version: 1,
+            columns: vec![Column { name: "id".into(), pg_type: PgType::Int8, nullable: false, key: true }],
+            replica_identity: ReplicaIdentity::Default,
+        });
+        let changes = positions
+            .into_iter()
+            .map(|(lsn, seq)| Change {
+                op: Op::Insert,
+                before: None,
+                after: Some(vec![Value::Int8(seq as i64)]),
+                position: Position { lsn, seq },
+                lsn,
+                xid: 1,
+                commit_micros: 0,
+            })
+            .collect();
+        ChangeBatch { table: schema.id.clone(), schema, changes, snapshot_last: false }
+    }
+}

@@ -436,28 +436,9 @@ async fn push(
 mod tests {
     use super::*;
     use crate::mailbox::mailbox;
-    use crate::schema::ReplicaIdentity;
 
-    fn batch(changes: &[(u64, u64)]) -> ChangeBatch {
-        let schema = Arc::new(TableSchema {
-            id: TableId::new("public", "t"),
-            version: 1,
-            columns: vec![Column { name: "id".into(), pg_type: PgType::Int8, nullable: false, key: true }],
-            replica_identity: ReplicaIdentity::Default,
-        });
-        let changes = changes
-            .iter()
-            .map(|&(lsn, seq)| Change {
-                op: Op::Insert,
-                before: None,
-                after: Some(vec![Value::Int8(seq as i64)]),
-                position: Position { lsn, seq },
-                lsn,
-                xid: 1,
-                commit_micros: 0,
-            })
-            .collect();
-        ChangeBatch { table: schema.id.clone(), schema, changes, snapshot_last: false }
+    fn batch(positions: &[(u64, u64)]) -> ChangeBatch {
+        crate::message::testing::inserts(positions.iter().copied())
     }
 
     /// What reached the mailbox: `D` and the positions of a data batch, `C` and the

@@ -252,33 +252,10 @@ fn unseen(batch: &Arc<ChangeBatch>, seen: Position) -> Option<Arc<ChangeBatch>> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{Change, Checkpoint, Op};
-    use crate::schema::{Column, PgType, ReplicaIdentity, TableId, TableSchema};
-    use crate::value::Value;
+    use crate::message::Checkpoint;
 
     fn batch(lsn: u64, seqs: std::ops::RangeInclusive<u64>) -> Arc<ChangeBatch> {
-        let schema = Arc::new(TableSchema {
-            id: TableId::new("public", "t"),
-            version: 1,
-            columns: vec![Column { name: "id".into(), pg_type: PgType::Int4, nullable: false, key: true }],
-            replica_identity: ReplicaIdentity::Default,
-        });
-        Arc::new(ChangeBatch {
-            table: schema.id.clone(),
-            schema,
-            changes: seqs
-                .map(|seq| Change {
-                    op: Op::Insert,
-                    before: None,
-                    after: Some(vec![Value::Int4(seq as i32)]),
-                    position: Position { lsn, seq },
-                    lsn,
-                    xid: 1,
-                    commit_micros: 0,
-                })
-                .collect(),
-            snapshot_last: false,
-        })
+        Arc::new(crate::message::testing::inserts(seqs.map(|seq| (lsn, seq))))
     }
 
     #[test]

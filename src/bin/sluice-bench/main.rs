@@ -150,8 +150,6 @@ fn print_table(results: &[(Transport, Figures)], native: Option<&native::NativeF
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // The daemon's allocator settings, so in-process figures compare.
-    sluice::allocator::tune();
     let args = Args::parse();
     let bench = Bench::new(args.clone()).await.context("prepare the benchmark")?;
     let load_before = load();
