@@ -62,8 +62,9 @@ struct Txn {
     seq: u64,
 }
 
-/// Changes read but not emitted yet, possibly of several transactions, and the checkpoint
-/// of the newest transaction committed among them.
+/// Changes read but not emitted yet, possibly of several transactions, the checkpoint of
+/// the newest transaction committed among them, and the confirm LSN of the newest
+/// checkpoint sent downstream.
 ///
 /// Invariant: the first `committed` changes of `batch` belong to transactions that ended
 /// at or before `ready`, the rest to the open one. Whenever rows are emitted, `ready` goes
@@ -74,9 +75,15 @@ struct Gather {
     batch: Option<ChangeBatch>,
     committed: usize,
     ready: Option<Checkpoint>,
+    /// What every downstream must acknowledge before the stream is drained or idle.
+    emitted: u64,
 }
 
 impl Gather {
+    fn new(emitted: u64) -> Self {
+        Self { emitted, ..Self::default() }
+    }
+
     fn is_empty(&self) -> bool {
         self.batch.is_none() && self.ready.is_none()
     }
@@ -87,14 +94,14 @@ impl Gather {
         self.ready = Some(checkpoint);
     }
 
-    /// Sends what is gathered, in order; returns the confirm LSN of the checkpoint sent.
-    async fn emit(&mut self, out: &Sender<Event>) -> Result<Option<u64>> {
+    /// Sends what is gathered, in order.
+    async fn emit(&mut self, out: &Sender<Event>) -> Result<()> {
         let committed = std::mem::take(&mut self.committed);
         let Some(checkpoint) = self.ready.take() else {
             if let Some(batch) = self.batch.take() {
                 out.send(Event::Data(Arc::new(batch))).await?;
             }
-            return Ok(None);
+            return Ok(());
         };
         let open = match self.batch.take() {
             Some(mut batch) => {
@@ -112,12 +119,14 @@ impl Gather {
             }
             None => None,
         };
-        let confirm = checkpoint.confirm_lsn;
+        if let Some(confirm) = checkpoint.confirm_lsn {
+            self.emitted = confirm;
+        }
         out.send(Event::Checkpoint(checkpoint)).await?;
         if let Some(open) = open {
             out.send(Event::Data(Arc::new(open))).await?;
         }
-        Ok(confirm)
+        Ok(())
     }
 }
 
@@ -151,8 +160,7 @@ pub async fn stream(
     faults: &Faults,
 ) -> Result<bool> {
     let mut txn: Option<Txn> = None;
-    let mut gather = Gather::default();
-    let mut last_emitted_confirm: u64 = *confirm.borrow();
+    let mut gather = Gather::new(*confirm.borrow());
     let mut last_heartbeat = Instant::now();
     let mut confirmed = *confirm.borrow_and_update();
     rewind.borrow_and_update();
@@ -162,10 +170,8 @@ pub async fn stream(
             biased;
             Ok(()) = stop.changed() => {
                 if *stop.borrow() {
-                    if let Some(c) = gather.emit(out).await? {
-                        last_emitted_confirm = c;
-                    }
-                    return drain(repl, confirm, last_emitted_confirm).await.map(|_| true);
+                    gather.emit(out).await?;
+                    return drain(repl, confirm, gather.emitted).await.map(|_| true);
                 }
                 continue;
             }
@@ -184,9 +190,7 @@ pub async fn stream(
             event = repl.recv() => event,
             // Nothing more is waiting in the stream: what was gathered goes downstream.
             () = std::future::ready(()), if !gather.is_empty() => {
-                if let Some(c) = gather.emit(out).await? {
-                    last_emitted_confirm = c;
-                }
+                gather.emit(out).await?;
                 continue;
             }
         };
@@ -199,10 +203,10 @@ pub async fn stream(
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 let wal_end = wal_end.as_u64();
                 metrics::gauge!(m::SOURCE_LAG_BYTES).set(wal_end.saturating_sub(confirmed) as f64);
-                let idle = txn.is_none() && gather.is_empty() && confirmed >= last_emitted_confirm;
-                if idle && wal_end > last_emitted_confirm.max(1) && last_heartbeat.elapsed() >= options.heartbeat {
+                let idle = txn.is_none() && gather.is_empty() && confirmed >= gather.emitted;
+                if idle && wal_end > gather.emitted.max(1) && last_heartbeat.elapsed() >= options.heartbeat {
                     last_heartbeat = Instant::now();
-                    last_emitted_confirm = wal_end;
+                    gather.emitted = wal_end;
                     let position = Position { lsn: wal_end - 1, seq: Position::END };
                     out.send(Event::Checkpoint(Checkpoint::source(position, Some(wal_end)))).await?;
                 }
@@ -229,9 +233,7 @@ pub async fn stream(
             ReplicationEvent::XLogData { wal_start, data, .. } => {
                 let message = pgoutput::decode(data).map_err(|e| Error::Protocol(e.to_string()))?;
                 let at = Reading { lsn: wal_start.as_u64(), options, out };
-                if let Some(c) = handle_message(message, at, &mut txn, &mut gather, catalog_client, state).await? {
-                    last_emitted_confirm = c;
-                }
+                handle_message(message, at, &mut txn, &mut gather, catalog_client, state).await?;
             }
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
@@ -264,7 +266,7 @@ struct Reading<'a> {
     out: &'a Sender<Event>,
 }
 
-/// Decodes one message into `gather`; returns the confirm LSN of a checkpoint it sent.
+/// Decodes one message into `gather`.
 async fn handle_message(
     message: Message,
     at: Reading<'_>,
@@ -272,26 +274,25 @@ async fn handle_message(
     gather: &mut Gather,
     catalog_client: &tokio_postgres::Client,
     state: &mut WalState,
-) -> Result<Option<u64>> {
-    let mut sent = None;
+) -> Result<()> {
     match message {
         Message::Relation(rel) => {
             let schema = relation_schema(&rel, catalog_client, state).await?;
             if let Some(schema) = &schema {
                 // A batch of the old version must not carry rows of the new one.
                 if gather.batch.as_ref().is_some_and(|b| b.table == schema.id && !Arc::ptr_eq(&b.schema, schema)) {
-                    sent = gather.emit(at.out).await?;
+                    gather.emit(at.out).await?;
                 }
             }
             state.relations.insert(rel.oid, schema);
         }
         Message::Insert { relation, new } => {
-            let Some(schema) = lookup(state, relation)? else { return Ok(None) };
+            let Some(schema) = lookup(state, relation)? else { return Ok(()) };
             let after = decode(&schema, &new)?;
-            sent = push(txn, gather, schema, Op::Insert, None, Some(after), &at).await?;
+            push(txn, gather, schema, Op::Insert, None, Some(after), &at).await?;
         }
         Message::Update { relation, old, new } => {
-            let Some(schema) = lookup(state, relation)? else { return Ok(None) };
+            let Some(schema) = lookup(state, relation)? else { return Ok(()) };
             let before = old.as_ref().map(|(_, t)| decode(&schema, t)).transpose()?;
             let mut after = decode(&schema, &new)?;
             // With the whole old row at hand, an unchanged TOAST value is known.
@@ -302,19 +303,17 @@ async fn handle_message(
                     }
                 }
             }
-            sent = push(txn, gather, schema, Op::Update, before, Some(after), &at).await?;
+            push(txn, gather, schema, Op::Update, before, Some(after), &at).await?;
         }
         Message::Delete { relation, old } => {
-            let Some(schema) = lookup(state, relation)? else { return Ok(None) };
+            let Some(schema) = lookup(state, relation)? else { return Ok(()) };
             let before = decode(&schema, &old.1)?;
-            sent = push(txn, gather, schema, Op::Delete, Some(before), None, &at).await?;
+            push(txn, gather, schema, Op::Delete, Some(before), None, &at).await?;
         }
         Message::Truncate { relations, .. } => {
             for relation in relations {
-                if let Some(schema) = lookup(state, relation)?
-                    && let Some(c) = push(txn, gather, schema, Op::Truncate, None, None, &at).await?
-                {
-                    sent = Some(c);
+                if let Some(schema) = lookup(state, relation)? {
+                    push(txn, gather, schema, Op::Truncate, None, None, &at).await?;
                 }
             }
         }
@@ -323,7 +322,7 @@ async fn handle_message(
             return Err(Error::Protocol("unexpected Begin/Commit inside XLogData".into()));
         }
     }
-    Ok(sent)
+    Ok(())
 }
 
 fn lookup(state: &WalState, relation: u32) -> Result<Option<Arc<TableSchema>>> {
@@ -390,7 +389,7 @@ fn same_columns(a: &TableSchema, b: &TableSchema) -> bool {
         && a.replica_identity == b.replica_identity
 }
 
-/// Adds a change to `gather`; returns the confirm LSN of a checkpoint sent on the way.
+/// Adds a change to `gather`, sending what it held first if the change starts a new batch.
 async fn push(
     txn: &mut Option<Txn>,
     gather: &mut Gather,
@@ -399,7 +398,7 @@ async fn push(
     before: Option<Vec<Value>>,
     after: Option<Vec<Value>>,
     at: &Reading<'_>,
-) -> Result<Option<u64>> {
+) -> Result<()> {
     let Some(t) = txn.as_mut() else {
         return Err(Error::Protocol("row change outside a transaction".into()));
     };
@@ -414,10 +413,9 @@ async fn push(
         commit_micros: t.commit_micros,
     };
     metrics::counter!(m::EVENTS_TOTAL, "stage" => "source", "table" => schema.id.to_string()).increment(1);
-    let mut sent = None;
     let same_table = gather.batch.as_ref().is_some_and(|b| Arc::ptr_eq(&b.schema, &schema));
     if !same_table && gather.batch.is_some() {
-        sent = gather.emit(at.out).await?;
+        gather.emit(at.out).await?;
     }
     let batch = gather.batch.get_or_insert_with(|| ChangeBatch {
         table: schema.id.clone(),
@@ -427,9 +425,9 @@ async fn push(
     });
     batch.changes.push(change);
     if batch.changes.len() >= at.options.batch_rows {
-        sent = gather.emit(at.out).await?.or(sent);
+        gather.emit(at.out).await?;
     }
-    Ok(sent)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -465,16 +463,19 @@ mod tests {
         gather.commit(Checkpoint::source(Position::txn_end(10), Some(11)));
         gather.commit(Checkpoint::source(Position::txn_end(20), Some(21)));
         gather.batch.as_mut().expect("batch").changes.extend(batch(&[(30, 1)]).changes);
-        assert_eq!(gather.emit(&tx).await.expect("emit"), Some(21));
+        gather.emit(&tx).await.expect("emit");
+        assert_eq!(gather.emitted, 21);
         assert_eq!(drain(&mut rx), vec!["D[(10, 1), (10, 2), (20, 1)]", &format!("C{}", 20), "D[(30, 1)]"]);
         assert!(gather.is_empty());
         // Only open rows: no checkpoint.
         gather.batch = Some(batch(&[(40, 1)]));
-        assert_eq!(gather.emit(&tx).await.expect("emit"), None);
+        gather.emit(&tx).await.expect("emit");
+        assert_eq!(gather.emitted, 21, "no checkpoint sent");
         assert_eq!(drain(&mut rx), vec!["D[(40, 1)]"]);
         // A checkpoint whose rows went out before: alone.
         gather.commit(Checkpoint::source(Position::txn_end(40), Some(41)));
-        assert_eq!(gather.emit(&tx).await.expect("emit"), Some(41));
+        gather.emit(&tx).await.expect("emit");
+        assert_eq!(gather.emitted, 41);
         assert_eq!(drain(&mut rx), vec!["C40"]);
     }
 }

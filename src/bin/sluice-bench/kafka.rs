@@ -57,19 +57,12 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<KafkaFigures> {
     let task = tokio::spawn(producer::run(options, input, confirm_tx, Faults::default()));
     let mut generator = Generator::new();
     let table = generator.table().clone();
-    let transactions = rows.div_ceil(txn_rows as u64);
     let cpu = thread_cpu();
     let started = Instant::now();
-    let mut last = 0;
-    for _ in 0..transactions {
-        let (batch, checkpoint) = generator.transaction(txn_rows);
-        last = checkpoint.confirm_lsn.unwrap_or_default();
-        to_producer.send(Event::Data(std::sync::Arc::new(batch))).await?;
-        to_producer.send(Event::Checkpoint(checkpoint)).await?;
-    }
+    let (events, last) = generator.feed(&to_producer, rows, txn_rows).await?;
+    let last = last.confirm_lsn.unwrap_or_default();
     let done = tokio::time::timeout(Duration::from_secs(1800), confirm.wait_for(|c| *c >= last)).await;
     anyhow::ensure!(matches!(done, Ok(Ok(_))), "the broker did not acknowledge the last transaction in time");
-    let events = transactions * txn_rows as u64;
     let produced = events as f64 / started.elapsed().as_secs_f64();
     let produce_cpu = per_event(cpu, thread_cpu(), events);
     eprintln!(

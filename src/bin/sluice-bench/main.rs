@@ -153,23 +153,23 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bench = Bench::new(args.clone()).await.context("prepare the benchmark")?;
     let load_before = load();
-    if args.source_only {
-        let figures = source::measure(&bench).await.context("the source alone")?;
-        let line = json!({
-            "bench": "sluice-source", "cores": num_cores(), "load_before": load_before, "load_after": load(),
-            "rows": args.rows, "changes": args.changes, "source": figures,
-        });
-        return emit(&line, &args);
-    }
-    if args.sinks_only || args.kafka_only {
-        let (name, figures) = if args.sinks_only {
-            ("sluice-sinks", serde_json::to_value(sinks::measure(&bench).await.context("the sinks alone")?)?)
-        } else {
-            ("sluice-kafka", serde_json::to_value(kafka::measure(&bench).await.context("the Kafka transport alone")?)?)
-        };
+    // One component alone: its figures in one JSON line.
+    let component = if args.source_only {
+        Some(("sluice-source", serde_json::to_value(source::measure(&bench).await.context("the source alone")?)?))
+    } else if args.sinks_only {
+        Some(("sluice-sinks", serde_json::to_value(sinks::measure(&bench).await.context("the sinks alone")?)?))
+    } else if args.kafka_only {
+        Some((
+            "sluice-kafka",
+            serde_json::to_value(kafka::measure(&bench).await.context("the Kafka transport alone")?)?,
+        ))
+    } else {
+        None
+    };
+    if let Some((name, figures)) = component {
         let line = json!({
             "bench": name, "cores": num_cores(), "load_before": load_before, "load_after": load(),
-            "rows": args.rows, "txn_rows": args.txn_rows, "figures": figures,
+            "rows": args.rows, "changes": args.changes, "txn_rows": args.txn_rows, "figures": figures,
         });
         emit(&line, &args)?;
         bench.cleanup().await;

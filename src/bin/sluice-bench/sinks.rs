@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde::Serialize;
 use sluice_actors::fault::Faults;
-use sluice_actors::mailbox::mailbox;
+use sluice_actors::mailbox::{Sender, mailbox};
 use sluice_actors::mapper::{self, Mapper, Mapping, SinkEvent, plan};
 use sluice_actors::message::{Change, ChangeBatch, Checkpoint, Event, Op, Position, Row};
 use sluice_actors::schema::{Column, PgType, ReplicaIdentity, TableId, TableSchema};
@@ -170,6 +170,22 @@ impl Generator {
             ChangeBatch { table: self.schema.id.clone(), schema: self.schema.clone(), changes, snapshot_last: false };
         (batch, Checkpoint::source(Position::txn_end(lsn), Some(lsn + 1)))
     }
+
+    /// Sends transactions of `txn_rows` changes, each followed by its checkpoint, until
+    /// `rows` changes are sent (rounded up to whole transactions); returns the changes sent
+    /// and the last checkpoint.
+    pub async fn feed(&mut self, to: &Sender<Event>, rows: u64, txn_rows: usize) -> anyhow::Result<(u64, Checkpoint)> {
+        let mut sent = 0;
+        let mut last = Checkpoint::source(Position::START, None);
+        while sent < rows {
+            let (batch, checkpoint) = self.transaction(txn_rows);
+            sent += batch.len() as u64;
+            last = checkpoint.clone();
+            to.send(Event::Data(Arc::new(batch))).await?;
+            to.send(Event::Checkpoint(checkpoint)).await?;
+        }
+        Ok((sent, last))
+    }
 }
 
 /// Rows/s of `rows` changes through the mapper and writer actors into `spec`'s sink.
@@ -188,21 +204,13 @@ async fn through_sink(kind: &str, spec: SinkSpec, rows: u64, txn_rows: usize) ->
         durable_tx.send_replace(cp.position);
     };
     let writer_task = tokio::spawn(sink::run(target, options, writer_in, on_commit, stop_rx, Faults::default()));
-    let mut generator = Generator::new();
-    let transactions = rows.div_ceil(txn_rows as u64);
     let started = Instant::now();
-    let mut last = Position::START;
-    for _ in 0..transactions {
-        let (batch, checkpoint) = generator.transaction(txn_rows);
-        last = checkpoint.position;
-        to_mapper.send(Event::Data(Arc::new(batch))).await?;
-        to_mapper.send(Event::Checkpoint(checkpoint)).await?;
-    }
+    let (sent, last) = Generator::new().feed(&to_mapper, rows, txn_rows).await?;
     // Nothing more comes: the writer makes what it holds durable as soon as it is idle.
     stop_tx.send_replace(true);
-    let done = tokio::time::timeout(Duration::from_secs(1800), durable.wait_for(|p| *p >= last)).await;
+    let done = tokio::time::timeout(Duration::from_secs(1800), durable.wait_for(|p| *p >= last.position)).await;
     anyhow::ensure!(matches!(done, Ok(Ok(_))), "the {kind} sink did not make the last transaction durable in time");
-    let rate = (transactions * txn_rows as u64) as f64 / started.elapsed().as_secs_f64();
+    let rate = sent as f64 / started.elapsed().as_secs_f64();
     drop(to_mapper);
     mapper_task.await??;
     writer_task.await??;

@@ -63,9 +63,9 @@ pub fn create(kafka: &KafkaOptions) -> Result<FutureProducer> {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         // With several requests in flight, librdkafka's broker thread spins while it waits
-        // for a broker slower than the source (measured: 85 us of CPU per event against
-        // 12 with one, at the same rate): one in flight, with large batches, keeps a core
-        // free and loses nothing at these batch sizes.
+        // for a broker slower than the source (measured against tansu: 85 us of CPU per
+        // event against 12 with one, at the same rate). One in flight, with large batches,
+        // keeps that core free; its cost against a fast Kafka cluster is not measured.
         .set("max.in.flight.requests.per.connection", "1")
         .set("compression.type", &kafka.compression)
         .set("linger.ms", "5")
