@@ -200,3 +200,21 @@ async fn wait_inactive_and_drop(client: &tokio_postgres::Client, slot: &str) -> 
     }
     Err(Error::Fatal(format!("source.slot: replication slot '{slot}' is in use by another process")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replication_connects_where_the_source_url_says() {
+        let tcp: tokio_postgres::Config = "postgres://u:pw@db.example:6543/app".parse().expect("url");
+        let config = replication_config(&tcp, "s", "p").expect("config");
+        assert!(!config.is_unix_socket());
+        assert_eq!((config.host.as_str(), config.port, config.database.as_str()), ("db.example", 6543, "app"));
+        // A socket folder as host: the walsender then writes to a Unix socket (see README).
+        let unix: tokio_postgres::Config = "postgres://u@%2Fvar%2Frun%2Fpostgresql/app".parse().expect("url");
+        let config = replication_config(&unix, "s", "p").expect("config");
+        assert!(config.is_unix_socket());
+        assert_eq!(config.unix_socket_path(), std::path::Path::new("/var/run/postgresql/.s.PGSQL.5432"));
+    }
+}

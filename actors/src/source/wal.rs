@@ -96,6 +96,11 @@ impl Gather {
 
     /// Sends what is gathered, in order.
     async fn emit(&mut self, out: &Sender<Event>) -> Result<()> {
+        if let Some(batch) = &self.batch {
+            // Counted per batch: a labelled counter costs a registry lookup.
+            metrics::counter!(m::EVENTS_TOTAL, "stage" => "source", "table" => batch.table.to_string())
+                .increment(batch.len() as u64);
+        }
         let committed = std::mem::take(&mut self.committed);
         let Some(checkpoint) = self.ready.take() else {
             if let Some(batch) = self.batch.take() {
@@ -412,7 +417,6 @@ async fn push(
         xid: t.xid,
         commit_micros: t.commit_micros,
     };
-    metrics::counter!(m::EVENTS_TOTAL, "stage" => "source", "table" => schema.id.to_string()).increment(1);
     let same_table = gather.batch.as_ref().is_some_and(|b| Arc::ptr_eq(&b.schema, &schema));
     if !same_table && gather.batch.is_some() {
         gather.emit(at.out).await?;

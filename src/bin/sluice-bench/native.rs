@@ -66,7 +66,8 @@ fn connection_string(url: &str) -> anyhow::Result<String> {
     let config: tokio_postgres::Config = url.parse()?;
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        _ => "127.0.0.1".into(),
+        Some(tokio_postgres::config::Host::Unix(dir)) => dir.to_string_lossy().into_owned(),
+        None => "127.0.0.1".into(),
     };
     let mut s = format!(
         "host={host} port={} user={} dbname={}",
