@@ -351,69 +351,92 @@ impl ArrayParser<'_> {
     }
 }
 
+/// The fields of one line of `COPY ... TO STDOUT` text format, unescaped into one buffer
+/// that is reused from line to line (no allocation per field: the snapshot splits every
+/// field of every row).
+#[derive(Debug, Default)]
+pub struct CopyFields {
+    buf: Vec<u8>,
+    /// Each field's bytes in `buf`; `None` for `\N` (NULL).
+    ranges: Vec<Option<std::ops::Range<usize>>>,
+}
+
+impl CopyFields {
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The fields in order as text (`None` for NULL); a field that is not UTF-8 is an error.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Result<Option<&str>, String>> + '_ {
+        self.ranges.iter().map(|r| match r {
+            None => Ok(None),
+            Some(r) => {
+                std::str::from_utf8(&self.buf[r.clone()]).map(Some).map_err(|_| "COPY field is not UTF-8".into())
+            }
+        })
+    }
+}
+
 /// Splits one line of `COPY ... TO STDOUT` text format into its fields, undoing the
-/// backslash escapes; `None` for `\N` (NULL). The line excludes its newline.
-pub fn split_copy_line(line: &[u8], fields: &mut Vec<Option<String>>) -> Result<(), String> {
-    fields.clear();
-    let mut current: Vec<u8> = Vec::new();
+/// backslash escapes; `\N` is NULL. The line excludes its newline.
+pub fn split_copy_line(line: &[u8], fields: &mut CopyFields) -> Result<(), String> {
+    let CopyFields { buf, ranges } = fields;
+    buf.clear();
+    ranges.clear();
+    let mut start = 0;
     let mut is_null = false;
     let mut i = 0;
-    let finish = |current: &mut Vec<u8>, is_null: &mut bool, fields: &mut Vec<Option<String>>| -> Result<(), String> {
-        if *is_null {
-            fields.push(None);
-            current.clear();
-        } else {
-            let s = String::from_utf8(std::mem::take(current)).map_err(|_| "COPY field is not UTF-8".to_string())?;
-            fields.push(Some(s));
+    loop {
+        // The run of plain bytes up to the next tab or backslash is copied at once.
+        let run = line[i..].iter().position(|&b| b == b'\t' || b == b'\\').map_or(line.len(), |p| i + p);
+        buf.extend_from_slice(&line[i..run]);
+        i = run;
+        let Some(&b) = line.get(i) else { break };
+        if b == b'\t' {
+            ranges.push(if is_null { None } else { Some(start..buf.len()) });
+            is_null = false;
+            start = buf.len();
+            i += 1;
+            continue;
         }
-        *is_null = false;
-        Ok(())
-    };
-    while i < line.len() {
-        let b = line[i];
-        match b {
-            b'\t' => {
-                finish(&mut current, &mut is_null, fields)?;
-                i += 1;
-            }
-            b'\\' => {
-                let next = *line.get(i + 1).ok_or("COPY line ends in a backslash")?;
-                i += 2;
-                match next {
-                    b'N' => is_null = true,
-                    b'n' => current.push(b'\n'),
-                    b'r' => current.push(b'\r'),
-                    b't' => current.push(b'\t'),
-                    b'b' => current.push(8),
-                    b'f' => current.push(12),
-                    b'v' => current.push(11),
-                    b'0'..=b'7' => {
-                        let mut v = (next - b'0') as u32;
-                        let mut n = 1;
-                        while n < 3 && matches!(line.get(i), Some(b'0'..=b'7')) {
-                            v = v * 8 + (line[i] - b'0') as u32;
-                            i += 1;
-                            n += 1;
-                        }
-                        current.push(v as u8);
-                    }
-                    b'x' => {
-                        let hex: Vec<u8> =
-                            line[i..].iter().take(2).take_while(|b| b.is_ascii_hexdigit()).copied().collect();
-                        let s = std::str::from_utf8(&hex).unwrap_or("0");
-                        current.push(u8::from_str_radix(s, 16).map_err(|_| "bad \\x escape in COPY line")?);
-                        i += hex.len();
-                    }
-                    other => current.push(other),
+        let next = *line.get(i + 1).ok_or("COPY line ends in a backslash")?;
+        i += 2;
+        match next {
+            b'N' => is_null = true,
+            b'n' => buf.push(b'\n'),
+            b'r' => buf.push(b'\r'),
+            b't' => buf.push(b'\t'),
+            b'b' => buf.push(8),
+            b'f' => buf.push(12),
+            b'v' => buf.push(11),
+            b'0'..=b'7' => {
+                let mut v = (next - b'0') as u32;
+                let mut n = 1;
+                while n < 3 && matches!(line.get(i), Some(b'0'..=b'7')) {
+                    v = v * 8 + (line[i] - b'0') as u32;
+                    i += 1;
+                    n += 1;
                 }
+                buf.push(v as u8);
             }
-            _ => {
-                current.push(b);
-                i += 1;
+            b'x' => {
+                let digits = line[i..].iter().take(2).take_while(|b| b.is_ascii_hexdigit()).count();
+                if digits == 0 {
+                    return Err("bad \\x escape in COPY line".into());
+                }
+                let hex = std::str::from_utf8(&line[i..i + digits]).map_err(|_| "bad \\x escape in COPY line")?;
+                buf.push(u8::from_str_radix(hex, 16).map_err(|_| "bad \\x escape in COPY line")?);
+                i += digits;
             }
+            other => buf.push(other),
         }
     }
-    finish(&mut current, &mut is_null, fields)
+    ranges.push(if is_null { None } else { Some(start..buf.len()) });
+    Ok(())
 }
 
 #[cfg(test)]
@@ -503,11 +526,23 @@ mod tests {
 
     #[test]
     fn copy_lines_split_and_unescape() {
-        let mut f = Vec::new();
+        let mut f = CopyFields::default();
+        let texts = |f: &CopyFields| {
+            f.iter()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+                .into_iter()
+                .map(|t| t.map(String::from))
+                .collect::<Vec<_>>()
+        };
         split_copy_line(b"1\ta\\tb\\\\c\\nd\t\\N\t", &mut f).unwrap();
-        assert_eq!(f, vec![Some("1".into()), Some("a\tb\\c\nd".into()), None, Some(String::new())]);
+        assert_eq!(texts(&f), vec![Some("1".into()), Some("a\tb\\c\nd".into()), None, Some(String::new())]);
         split_copy_line(b"\\101\\x41", &mut f).unwrap();
-        assert_eq!(f, vec![Some("AA".into())]);
+        assert_eq!(texts(&f), vec![Some("AA".into())]);
+        split_copy_line(b"", &mut f).unwrap();
+        assert_eq!(texts(&f), vec![Some(String::new())]);
+        split_copy_line(b"\\xff", &mut f).unwrap();
+        assert!(f.iter().next().unwrap().is_err(), "not UTF-8");
         assert!(split_copy_line(b"bad\\", &mut f).is_err());
     }
 
@@ -528,7 +563,7 @@ mod tests {
 
         #[test]
         fn copy_split_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let mut f = Vec::new();
+            let mut f = CopyFields::default();
             let _ = split_copy_line(&bytes, &mut f);
         }
 

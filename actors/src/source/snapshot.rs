@@ -297,12 +297,12 @@ async fn copy_chunk(
 pub struct CopyParser<'a> {
     schema: &'a TableSchema,
     partial: Vec<u8>,
-    fields: Vec<Option<String>>,
+    fields: pgtext::CopyFields,
 }
 
 impl<'a> CopyParser<'a> {
     pub fn new(schema: &'a TableSchema) -> Self {
-        Self { schema, partial: Vec::new(), fields: Vec::new() }
+        Self { schema, partial: Vec::new(), fields: pgtext::CopyFields::default() }
     }
 
     /// Parses every complete line of `bytes` (plus what an earlier call left over).
@@ -348,10 +348,14 @@ impl<'a> CopyParser<'a> {
         self.fields
             .iter()
             .zip(&self.schema.columns)
-            .map(|(field, column)| match field {
-                None => Ok(crate::value::Value::Null),
-                Some(text) => pgtext::decode(&column.pg_type, text)
-                    .map_err(|e| Error::Protocol(format!("snapshot of {table}, column {}: {e}", column.name))),
+            .map(|(field, column)| {
+                let fail = |e: &dyn std::fmt::Display| {
+                    Error::Protocol(format!("snapshot of {table}, column {}: {e}", column.name))
+                };
+                match field.map_err(|e| fail(&e))? {
+                    None => Ok(crate::value::Value::Null),
+                    Some(text) => pgtext::decode(&column.pg_type, text).map_err(|e| fail(&e)),
+                }
             })
             .collect()
     }
