@@ -425,11 +425,9 @@ pub fn split_copy_line(line: &[u8], fields: &mut CopyFields) -> Result<(), Strin
             }
             b'x' => {
                 let digits = line[i..].iter().take(2).take_while(|b| b.is_ascii_hexdigit()).count();
-                if digits == 0 {
-                    return Err("bad \\x escape in COPY line".into());
-                }
-                let hex = std::str::from_utf8(&line[i..i + digits]).map_err(|_| "bad \\x escape in COPY line")?;
-                buf.push(u8::from_str_radix(hex, 16).map_err(|_| "bad \\x escape in COPY line")?);
+                // No digit at all leaves "" for from_str_radix, which refuses it.
+                let value = std::str::from_utf8(&line[i..i + digits]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                buf.push(value.ok_or("bad \\x escape in COPY line")?);
                 i += digits;
             }
             other => buf.push(other),
@@ -544,6 +542,7 @@ mod tests {
         split_copy_line(b"\\xff", &mut f).unwrap();
         assert!(f.iter().next().unwrap().is_err(), "not UTF-8");
         assert!(split_copy_line(b"bad\\", &mut f).is_err());
+        assert!(split_copy_line(b"\\xg", &mut f).is_err(), "\\x without a hex digit");
     }
 
     #[test]
