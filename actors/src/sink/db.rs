@@ -6,8 +6,16 @@
 //! split in halves until the rows at fault are isolated, and those go to the dead-letter
 //! table in the same transaction while the rest is applied. Offsets are written last, in the
 //! same transaction, so a unit and its position commit together.
+//!
+//! A commit may be durable later than it returns: PostgreSQL sinks commit asynchronously
+//! (`synchronous_commit = off`, as PostgreSQL's own subscriptions do), which saves a WAL
+//! flush per unit. Such a unit's checkpoint is held in `pending` until the database has
+//! flushed its WAL past the commit, and only then returned to the writer to be
+//! acknowledged upstream: a database crash can lose such commits, never the source's copy of
+//! them (the slot still holds them, and the offsets roll back with the data). WAL is
+//! flushed in order, so checkpoints are released in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -39,6 +47,15 @@ impl PartOp<'_> {
     }
 }
 
+/// When a committed transaction is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durable {
+    /// On return, and so is everything committed before.
+    Now,
+    /// Once the database's WAL is flushed up to `lsn`; it is flushed up to `flushed` now.
+    At { lsn: u64, flushed: u64 },
+}
+
 /// One database dialect's operations, all inside the open transaction unless noted.
 pub trait Database: Send {
     /// Opens a fresh connection and creates sluice's own tables if missing.
@@ -56,7 +73,10 @@ pub trait Database: Send {
     fn dead_letters(&mut self, sink: &str, letters: &[DeadLetter]) -> impl Future<Output = Result<()>> + Send;
     fn clear_offsets(&mut self, sink: &str, stream: &str) -> impl Future<Output = Result<()>> + Send;
     /// Stores the offsets and commits the transaction.
-    fn commit(&mut self, sink: &str, offsets: &[StreamOffset]) -> impl Future<Output = Result<()>> + Send;
+    fn commit(&mut self, sink: &str, offsets: &[StreamOffset]) -> impl Future<Output = Result<Durable>> + Send;
+    /// Flushes the WAL written so far (for commits that returned [`Durable::At`]) if it
+    /// can, outside a transaction, and returns the position flushed.
+    fn flush(&mut self, sink: &str) -> impl Future<Output = Result<u64>> + Send;
 }
 
 /// A database sink: the [`Sink`] contract over a [`Database`].
@@ -66,11 +86,26 @@ pub struct DbSink<D> {
     in_txn: bool,
     ensured: HashMap<TableId, Arc<TargetTable>>,
     newest_commit_micros: i64,
+    /// Committed units not durable yet, with the WAL position they are durable at.
+    pending: VecDeque<(u64, Checkpoint)>,
 }
 
 impl<D: Database> DbSink<D> {
     pub fn new(name: impl Into<String>, db: D) -> Self {
-        Self { name: name.into(), db, in_txn: false, ensured: HashMap::new(), newest_commit_micros: 0 }
+        Self {
+            name: name.into(),
+            db,
+            in_txn: false,
+            ensured: HashMap::new(),
+            newest_commit_micros: 0,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// The pending checkpoints durable once the WAL is flushed up to `flushed`, in order.
+    fn release(&mut self, flushed: u64) -> Vec<Checkpoint> {
+        let durable = self.pending.iter().take_while(|(lsn, _)| *lsn <= flushed).count();
+        self.pending.drain(..durable).map(|(_, cp)| cp).collect()
     }
 
     async fn ensure(&mut self, target: &Arc<TargetTable>) -> Result<()> {
@@ -136,6 +171,7 @@ impl<D: Database> Sink for DbSink<D> {
         self.db.connect().await?;
         self.in_txn = false;
         self.ensured.clear();
+        self.pending.clear();
         self.db.read_offsets(&self.name).await
     }
 
@@ -189,13 +225,33 @@ impl<D: Database> Sink for DbSink<D> {
 
     async fn commit(&mut self, checkpoint: &Checkpoint, offsets: Vec<StreamOffset>) -> Result<Vec<Checkpoint>> {
         self.begin().await?;
-        self.db.commit(&self.name, &offsets).await?;
+        let durable = self.db.commit(&self.name, &offsets).await?;
         self.in_txn = false;
         if self.newest_commit_micros > 0 {
             let lag = (chrono::Utc::now().timestamp_micros() - self.newest_commit_micros).max(0) as f64 / 1e6;
             metrics::gauge!(m::REPLICATION_LAG_SECONDS, "sink" => self.name.clone()).set(lag);
         }
-        Ok(vec![checkpoint.clone()])
+        Ok(match durable {
+            Durable::Now => {
+                self.pending.push_back((0, checkpoint.clone()));
+                self.release(u64::MAX)
+            }
+            Durable::At { lsn, flushed } => {
+                self.pending.push_back((lsn, checkpoint.clone()));
+                self.release(flushed)
+            }
+        })
+    }
+
+    /// Called when the writer is idle or on time: what is committed is made durable now
+    /// (one WAL flush), rather than when the database gets to it.
+    async fn tick(&mut self, _force: bool) -> Result<Vec<Checkpoint>> {
+        // Not while a transaction larger than a unit is being written into.
+        if self.pending.is_empty() || self.in_txn {
+            return Ok(Vec::new());
+        }
+        let flushed = self.db.flush(&self.name).await?;
+        Ok(self.release(flushed))
     }
 
     async fn snapshot_begin(&mut self, targets: &[Arc<TargetTable>], stream: &str) -> Result<()> {

@@ -38,8 +38,9 @@ use crate::message::{Checkpoint, Position, StreamOffset};
 ///   neither). It returns the checkpoints that are durable now, in order: the one given
 ///   for a database sink; possibly none (and later several) for a sink that makes units
 ///   durable in batches, like Parquet files. Only returned checkpoints are acknowledged.
-/// - [`Sink::tick`] is called about every second and at a graceful stop (`force`), for
-///   sinks that make data durable on time.
+/// - [`Sink::tick`] is called about every second, whenever the writer runs out of work
+///   after a commit, and at a graceful stop (`force`), for sinks that make data durable on
+///   time or after their commit returns.
 /// - Writes must be idempotent per key for database sinks (upserts, deletes by key), so a
 ///   unit replayed after a crash before its commit lands once.
 /// - A row the sink rejects permanently goes to its dead-letter store inside the same unit.
@@ -135,10 +136,9 @@ pub async fn run<S: Sink>(
                 Some(e) => e,
                 None => {
                     flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
-                    if draining {
-                        // Stopping and idle: what a sink holds back (Parquet) is made durable now.
-                        sink.tick(true).await?.into_iter().for_each(&on_commit);
-                    }
+                    // Idle: commits not durable yet are made durable now; when stopping,
+                    // also what a sink holds back on purpose (Parquet files).
+                    sink.tick(draining).await?.into_iter().for_each(&on_commit);
                     continue;
                 }
             }

@@ -19,7 +19,7 @@ use crate::mapper::DeadLetter;
 use crate::mapper::plan::{DEFAULT_TARGET_SCHEMA, TargetTable};
 use crate::message::{Position, StreamOffset};
 use crate::schema::{PG_TYPE_METADATA, PgType};
-use crate::sink::db::{Database, PartOp};
+use crate::sink::db::{Database, Durable, PartOp};
 use crate::sink::encode::{Unrepresentable, write_mysql_literal};
 use crate::sink::reduce::Part;
 
@@ -409,7 +409,7 @@ impl Database for MySqlDatabase {
             .context(format!("{describe}: clear offsets"))
     }
 
-    async fn commit(&mut self, sink: &str, offsets: &[StreamOffset]) -> Result<()> {
+    async fn commit(&mut self, sink: &str, offsets: &[StreamOffset]) -> Result<Durable> {
         let describe = self.describe.clone();
         for o in offsets {
             // Compare-and-set per partition (see StreamOffset::from_offset): with a starting
@@ -452,7 +452,13 @@ impl Database for MySqlDatabase {
                 )));
             }
         }
-        self.exec("COMMIT".into()).await
+        self.exec("COMMIT".into()).await?;
+        Ok(Durable::Now)
+    }
+
+    /// Commits are durable on return (InnoDB flushes its log at each commit by default).
+    async fn flush(&mut self, _sink: &str) -> Result<u64> {
+        Ok(u64::MAX)
     }
 }
 

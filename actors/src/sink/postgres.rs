@@ -24,8 +24,8 @@ use crate::error::{Context, Error, Result};
 use crate::mapper::DeadLetter;
 use crate::mapper::plan::TargetTable;
 use crate::message::{Op, Position, StreamOffset};
-use crate::schema::{PG_TYPE_METADATA, PgType, TableId, quote_ident};
-use crate::sink::db::{Database, PartOp};
+use crate::schema::{PG_TYPE_METADATA, PgType, TableId, quote_ident, quote_literal};
+use crate::sink::db::{Database, Durable, PartOp};
 use crate::sink::encode;
 use crate::sink::reduce::Part;
 use crate::source::catalog;
@@ -267,6 +267,28 @@ impl PgDatabase {
             Err(e) => Err(e),
         }
     }
+
+    /// Runs `sql` (simple protocol) and returns the WAL positions its last row holds, as
+    /// decimal text.
+    async fn wal_positions(&self, sql: &str) -> Result<Vec<u64>> {
+        let context = || format!("{}: {}", self.describe, first_words(sql));
+        let messages = self.client()?.simple_query(sql).await.context(context())?;
+        let row = messages
+            .iter()
+            .rev()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .ok_or_else(|| Error::Fatal(format!("{}: no WAL position returned", context())))?;
+        (0..row.len())
+            .map(|i| {
+                row.get(i)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| Error::Fatal(format!("{}: bad WAL position {:?}", context(), row.get(i))))
+            })
+            .collect()
+    }
 }
 
 /// The rows of `part` where `mask` holds, and the others.
@@ -295,6 +317,11 @@ impl Database for PgDatabase {
         self.upsert_only.clear();
         let client = catalog::connect(&self.config, &self.describe).await?;
         client.batch_execute(SETUP_SQL).await.context(format!("{}: create sluice tables", self.describe))?;
+        // Commits need not wait for their WAL flush: see `Durable` (crate::sink::db).
+        client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .context(format!("{}: set synchronous_commit", self.describe))?;
         self.client = Some(client);
         Ok(())
     }
@@ -502,7 +529,7 @@ impl Database for PgDatabase {
         Ok(())
     }
 
-    async fn commit(&mut self, sink: &str, offsets: &[StreamOffset]) -> Result<()> {
+    async fn commit(&mut self, sink: &str, offsets: &[StreamOffset]) -> Result<Durable> {
         let client = self.client()?;
         if !offsets.is_empty() {
             let streams: Vec<&str> = offsets.iter().map(|o| o.stream.as_str()).collect();
@@ -537,7 +564,28 @@ impl Database for PgDatabase {
                 )));
             }
         }
-        self.exec("COMMIT").await
+        // The insert position after the commit is past its commit record.
+        let lsns = self
+            .wal_positions("COMMIT; SELECT (pg_current_wal_insert_lsn() - '0/0')::text, (pg_current_wal_flush_lsn() - '0/0')::text")
+            .await?;
+        Ok(Durable::At { lsn: lsns[0], flushed: lsns[1] })
+    }
+
+    /// A transaction that writes WAL and commits synchronously flushes the WAL up to its
+    /// commit record, past everything committed before it: it touches this sink's offsets
+    /// rows (there are some once a unit committed). The caller compares with the flushed
+    /// position either way, so a flush that did not happen only delays the release
+    /// (PostgreSQL's WAL writer flushes asynchronous commits within `3 * wal_writer_delay`).
+    async fn flush(&mut self, sink: &str) -> Result<u64> {
+        let lsns = self
+            .wal_positions(&format!(
+                "BEGIN; SET LOCAL synchronous_commit = on; \
+                 UPDATE public.sluice_offsets SET updated_at = now() WHERE sink = {}; COMMIT; \
+                 SELECT (pg_current_wal_flush_lsn() - '0/0')::text",
+                quote_literal(sink)
+            ))
+            .await?;
+        Ok(lsns[0])
     }
 }
 
