@@ -345,12 +345,18 @@ fn try_map_segment<'a>(schema: &TableSchema, changes: &[&'a Change], targets: &[
         if indices.is_empty() {
             continue;
         }
-        let idx = UInt32Array::from(indices);
-        let taken = arrays
-            .iter()
-            .map(|a| take(a.as_ref(), &idx, None))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .context("take rows")?;
+        // Usually every image is emitted once, in order: the arrays are used as they are.
+        let first = indices[0] as usize;
+        let taken = if indices.iter().enumerate().all(|(k, &i)| i as usize == first + k) {
+            arrays.iter().map(|a| a.slice(first, indices.len())).collect()
+        } else {
+            let idx = UInt32Array::from(indices);
+            arrays
+                .iter()
+                .map(|a| take(a.as_ref(), &idx, None))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .context("take rows")?
+        };
         let columns =
             RecordBatch::try_new(table.schema.clone(), taken).context(format!("build rows of {}", table.name))?;
         out.push(SinkItem::Rows(MappedRows { target: table.clone(), columns, ops, meta }));

@@ -12,20 +12,27 @@
 //! | update       | upsert   | update, columns from the newest that has | delete |
 //! | delete       | upsert   | delete (the row is gone)                 | delete |
 //!
+//! Changes fold in position order. Items arrive in that order per source table, but the
+//! WAL reader gathers a unit's changes per table, so a target fed by two source tables can
+//! receive them out of order: its rows are then sorted by position (stably: the delete and
+//! the insert of a key change share one position) before they fold.
+//!
 //! A truncate drops the table's pending states and is applied in its place. A target
 //! whose schema changes within the unit (a column added) starts a new segment, so every
 //! step has one schema.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch, new_null_array};
 use arrow::compute::interleave;
-use arrow::row::{OwnedRow, RowConverter, SortField};
+use arrow::row::{Row, RowConverter, Rows, SortField};
 
 use crate::error::{Context, Result};
 use crate::mapper::plan::TargetTable;
 use crate::mapper::{DeadLetter, MappedRows, RowMeta, RowOp, SinkItem};
+use crate::message::Position;
 
 /// Rows of one kind for one target, with where each came from.
 #[derive(Debug, Clone)]
@@ -68,129 +75,191 @@ pub enum Step {
     DeadLetter(DeadLetter),
 }
 
+/// A value of the unit: (item, row).
 type Cell = (usize, usize);
-/// Rows of one update mask: for each, the cell of each column (`None`: unchanged).
-type UpdateRows = Vec<(Vec<Option<Cell>>, RowMeta)>;
 
 #[derive(Debug, Clone)]
 enum State {
-    Upsert(Vec<Cell>),
+    /// Every column from one row (the common case), or column by column.
+    Upsert(Cells),
+    /// The columns to set (`None`: unchanged).
     Update(Vec<Option<Cell>>),
     Delete(Cell),
 }
 
-struct Segment {
-    target: Arc<TargetTable>,
-    converter: RowConverter,
-    sources: Vec<RecordBatch>,
-    metas: Vec<Vec<RowMeta>>,
-    states: HashMap<OwnedRow, (State, RowMeta)>,
-    order: Vec<OwnedRow>,
+/// Rows of one update mask: the cells of each (`None`: unchanged), and where it came from.
+type UpdateRows<'a> = Vec<(&'a [Option<Cell>], RowMeta)>;
+
+#[derive(Debug, Clone)]
+enum Cells {
+    Row(Cell),
+    Columns(Vec<Cell>),
 }
 
-impl Segment {
+impl Cells {
+    fn get(&self, column: usize) -> Cell {
+        match self {
+            Cells::Row(c) => *c,
+            Cells::Columns(cs) => cs[column],
+        }
+    }
+}
+
+/// The rows of one target (in one schema) in a unit.
+struct Segment<'a> {
+    target: Arc<TargetTable>,
+    converter: RowConverter,
+    items: Vec<&'a MappedRows>,
+    keys: Vec<Rows>,
+    /// Every row, in arrival order.
+    rows: Vec<Cell>,
+    /// Whether arrival order is position order so far.
+    ordered: bool,
+    last: Option<Position>,
+}
+
+impl<'a> Segment<'a> {
     fn new(target: Arc<TargetTable>) -> Result<Self> {
         let fields = target.key.iter().map(|&k| SortField::new(target.schema.field(k).data_type().clone())).collect();
         let converter = RowConverter::new(fields).context(format!("key of {}", target.name))?;
-        Ok(Self {
-            target,
-            converter,
-            sources: Vec::new(),
-            metas: Vec::new(),
-            states: HashMap::new(),
-            order: Vec::new(),
-        })
+        Ok(Self { target, converter, items: Vec::new(), keys: Vec::new(), rows: Vec::new(), ordered: true, last: None })
     }
 
-    fn add(&mut self, rows: &MappedRows) -> Result<()> {
-        let src = self.sources.len();
-        self.sources.push(rows.columns.clone());
-        self.metas.push(rows.meta.clone());
+    fn add(&mut self, rows: &'a MappedRows) -> Result<()> {
+        let item = self.items.len();
         let keys: Vec<ArrayRef> = self.target.key.iter().map(|&k| rows.columns.column(k).clone()).collect();
-        let converted = self.converter.convert_columns(&keys).context("encode keys")?;
-        let width = self.target.schema.fields().len();
-        for (i, op) in rows.ops.iter().enumerate() {
-            let key = converted.row(i).owned();
-            let meta = rows.meta[i];
-            let cell = (src, i);
-            let next = match (self.states.get(&key).map(|(s, _)| s), op) {
-                (_, RowOp::Upsert) => State::Upsert(vec![cell; width]),
-                (_, RowOp::Delete) => State::Delete(cell),
-                (None, RowOp::Update { unchanged }) => {
-                    State::Update(unchanged.iter().map(|u| (!u).then_some(cell)).collect())
-                }
-                (Some(State::Upsert(prev)), RowOp::Update { unchanged }) => {
-                    State::Upsert(unchanged.iter().zip(prev).map(|(u, p)| if *u { *p } else { cell }).collect())
-                }
-                (Some(State::Update(prev)), RowOp::Update { unchanged }) => {
-                    State::Update(unchanged.iter().zip(prev).map(|(u, p)| if *u { *p } else { Some(cell) }).collect())
-                }
-                (Some(State::Delete(d)), RowOp::Update { .. }) => State::Delete(*d),
-            };
-            if !self.states.contains_key(&key) {
-                self.order.push(key.clone());
-            }
-            self.states.insert(key, (next, meta));
+        self.keys.push(self.converter.convert_columns(&keys).context("encode keys")?);
+        self.items.push(rows);
+        for (i, m) in rows.meta.iter().enumerate() {
+            self.ordered &= self.last.is_none_or(|last| last <= m.position);
+            self.last = Some(m.position);
+            self.rows.push((item, i));
         }
         Ok(())
     }
 
     fn finish(self) -> Result<Option<Reduced>> {
-        if self.states.is_empty() {
+        let Segment { target, items, keys, mut rows, ordered, .. } = self;
+        if rows.is_empty() {
             return Ok(None);
         }
-        let mut upserts: Vec<(Vec<Cell>, RowMeta)> = Vec::new();
-        let mut updates: HashMap<Vec<bool>, UpdateRows> = HashMap::new();
+        if !ordered {
+            rows.sort_by_key(|&(item, i)| items[item].meta[i].position);
+        }
+        // The final state of each key, in the order keys were first seen.
+        let mut index: HashMap<Row<'_>, usize> = HashMap::with_capacity(rows.len());
+        let mut states: Vec<(State, RowMeta)> = Vec::with_capacity(rows.len());
+        for &(item, i) in &rows {
+            let cell = (item, i);
+            let meta = items[item].meta[i];
+            let slot = match index.entry(keys[item].row(i)) {
+                Entry::Occupied(e) => Some(*e.get()),
+                Entry::Vacant(e) => {
+                    e.insert(states.len());
+                    None
+                }
+            };
+            let prev = slot.map(|k| &states[k].0);
+            let next = match (prev, &items[item].ops[i]) {
+                (_, RowOp::Upsert) => State::Upsert(Cells::Row(cell)),
+                (_, RowOp::Delete) => State::Delete(cell),
+                (None, RowOp::Update { unchanged }) => {
+                    State::Update(unchanged.iter().map(|u| (!u).then_some(cell)).collect())
+                }
+                (Some(State::Upsert(prev)), RowOp::Update { unchanged }) => State::Upsert(Cells::Columns(
+                    unchanged.iter().enumerate().map(|(j, u)| if *u { prev.get(j) } else { cell }).collect(),
+                )),
+                (Some(State::Update(prev)), RowOp::Update { unchanged }) => {
+                    State::Update(unchanged.iter().zip(prev).map(|(u, p)| if *u { *p } else { Some(cell) }).collect())
+                }
+                (Some(State::Delete(d)), RowOp::Update { .. }) => State::Delete(*d),
+            };
+            match slot {
+                Some(k) => states[k] = (next, meta),
+                None => states.push((next, meta)),
+            }
+        }
+        drop(index);
+        let mut upserts: Vec<(&Cells, RowMeta)> = Vec::new();
+        let mut updates: HashMap<Vec<bool>, UpdateRows<'_>> = HashMap::new();
         let mut update_order: Vec<Vec<bool>> = Vec::new();
         let mut deletes: Vec<(Cell, RowMeta)> = Vec::new();
-        let mut states = self.states;
-        for key in &self.order {
-            let Some((state, meta)) = states.remove(key) else { continue };
+        for (state, meta) in &states {
             match state {
-                State::Upsert(cells) => upserts.push((cells, meta)),
-                State::Delete(cell) => deletes.push((cell, meta)),
+                State::Upsert(cells) => upserts.push((cells, *meta)),
+                State::Delete(cell) => deletes.push((*cell, *meta)),
                 State::Update(cells) => {
                     let mask: Vec<bool> = cells.iter().map(Option::is_none).collect();
                     if !updates.contains_key(&mask) {
                         update_order.push(mask.clone());
                     }
-                    updates.entry(mask).or_default().push((cells, meta));
+                    updates.entry(mask).or_default().push((cells, *meta));
                 }
             }
         }
-        let width = self.target.schema.fields().len();
-        let column_arrays: Vec<Vec<&dyn Array>> =
-            (0..width).map(|j| self.sources.iter().map(|b| b.column(j).as_ref()).collect()).collect();
-        let build = |cells: &[Vec<Option<Cell>>]| -> Result<RecordBatch> {
-            let mut arrays = Vec::with_capacity(width);
-            for (j, field) in self.target.schema.fields().iter().enumerate() {
-                let picks: Vec<Cell> = cells.iter().filter_map(|c| c[j]).collect();
-                if picks.len() == cells.len() {
-                    arrays.push(interleave(&column_arrays[j], &picks).context("assemble reduced rows")?);
-                } else {
-                    arrays.push(new_null_array(field.data_type(), cells.len()));
-                }
-            }
-            RecordBatch::try_new(self.target.schema.clone(), arrays).context("assemble reduced rows")
-        };
-        let part = |rows: Vec<(Vec<Option<Cell>>, RowMeta)>| -> Result<Option<Part>> {
-            if rows.is_empty() {
-                return Ok(None);
-            }
-            let (cells, meta): (Vec<_>, Vec<_>) = rows.into_iter().unzip();
-            Ok(Some(Part { rows: build(&cells)?, meta }))
-        };
-        let upserts = part(upserts.into_iter().map(|(c, m)| (c.into_iter().map(Some).collect(), m)).collect())?;
-        let deletes = part(deletes.into_iter().map(|(c, m)| (vec![Some(c); width], m)).collect())?;
+        let batches: Vec<&RecordBatch> = items.iter().map(|m| &m.columns).collect();
+        let upserts = (!upserts.is_empty())
+            .then(|| {
+                let picks = |j: usize| Some(upserts.iter().map(|(c, _)| c.get(j)).collect());
+                Ok::<_, crate::error::Error>(Part {
+                    rows: assemble(&target, &batches, upserts.len(), picks)?,
+                    meta: upserts.iter().map(|(_, m)| *m).collect(),
+                })
+            })
+            .transpose()?;
+        let deletes = (!deletes.is_empty())
+            .then(|| {
+                let picks = |_: usize| Some(deletes.iter().map(|(c, _)| *c).collect());
+                Ok::<_, crate::error::Error>(Part {
+                    rows: assemble(&target, &batches, deletes.len(), picks)?,
+                    meta: deletes.iter().map(|(_, m)| *m).collect(),
+                })
+            })
+            .transpose()?;
         let mut update_parts = Vec::with_capacity(update_order.len());
         for mask in update_order {
             let rows = updates.remove(&mask).unwrap_or_default();
-            if let Some(p) = part(rows)? {
-                update_parts.push((mask, p));
-            }
+            let picks = |j: usize| rows.iter().map(|(c, _)| c[j]).collect::<Option<Vec<Cell>>>();
+            let part = Part {
+                rows: assemble(&target, &batches, rows.len(), picks)?,
+                meta: rows.iter().map(|(_, m)| *m).collect(),
+            };
+            update_parts.push((mask, part));
         }
-        Ok(Some(Reduced { target: self.target, upserts, updates: update_parts, deletes }))
+        Ok(Some(Reduced { target, upserts, updates: update_parts, deletes }))
     }
+}
+
+/// A batch of `len` rows of `target`'s schema whose column `j` holds the cells `picks(j)`
+/// (`None`: nulls, for columns an update leaves unchanged). Picks that are one item's rows
+/// in order are sliced, not copied.
+fn assemble(
+    target: &TargetTable,
+    batches: &[&RecordBatch],
+    len: usize,
+    picks: impl Fn(usize) -> Option<Vec<Cell>>,
+) -> Result<RecordBatch> {
+    let mut arrays = Vec::with_capacity(target.schema.fields().len());
+    for (j, field) in target.schema.fields().iter().enumerate() {
+        let array = match picks(j) {
+            None => new_null_array(field.data_type(), len),
+            Some(p) => match contiguous(&p) {
+                Some((item, start)) => batches[item].column(j).slice(start, p.len()),
+                None => {
+                    let columns: Vec<&dyn Array> = batches.iter().map(|b| b.column(j).as_ref()).collect();
+                    interleave(&columns, &p).context("assemble reduced rows")?
+                }
+            },
+        };
+        arrays.push(array);
+    }
+    RecordBatch::try_new(target.schema.clone(), arrays).context("assemble reduced rows")
+}
+
+/// `Some((item, first row))` when `picks` are consecutive rows of one item.
+fn contiguous(picks: &[Cell]) -> Option<(usize, usize)> {
+    let &(item, start) = picks.first()?;
+    picks.iter().enumerate().all(|(k, &(it, row))| it == item && row == start + k).then_some((item, start))
 }
 
 /// Folds the items of a unit into steps: truncates and dead letters in place, and per
@@ -305,6 +374,29 @@ mod tests {
         assert_eq!(r.updates.len(), 1);
         assert_eq!(r.updates[0].0, vec![false, false, true]);
         assert_eq!(r.updates[0].1.rows.column(0).as_primitive::<Int64Type>().value(0), 3);
+    }
+
+    #[test]
+    fn rows_of_two_sources_fold_in_position_order() {
+        let t = target();
+        let at = |item: SinkItem, seqs: &[u64]| match item {
+            SinkItem::Rows(mut r) => {
+                r.meta = seqs.iter().map(|&s| meta(s)).collect();
+                SinkItem::Rows(r)
+            }
+            other => other,
+        };
+        // Gathered per source table: the second source's change of key 1 sits between
+        // the first source's two, but arrives after both.
+        let first =
+            at(rows(&t, &[(1, Some("a1"), None, RowOp::Upsert), (1, Some("a3"), None, RowOp::Upsert)]), &[1, 3]);
+        let second =
+            at(rows(&t, &[(1, Some("b2"), None, RowOp::Upsert), (2, Some("b4"), None, RowOp::Upsert)]), &[2, 4]);
+        let steps = reduce(&[first, second]).unwrap();
+        let Step::Apply(r) = &steps[0] else { panic!() };
+        let up = r.upserts.as_ref().unwrap();
+        assert_eq!(up.rows.column(1).as_string::<i32>().iter().collect::<Vec<_>>(), vec![Some("a3"), Some("b4")]);
+        assert_eq!(up.meta.iter().map(|m| m.position.seq).collect::<Vec<_>>(), vec![3, 4]);
     }
 
     #[test]

@@ -16,15 +16,20 @@
 //! heartbeat; the slot then advances on a database whose tables do not change.
 //!
 //! Batching: while the stream has more to read at once, the changes of consecutive
-//! transactions gather into one batch (up to `batch_rows`, per table in stream order), and
-//! only the newest transaction's checkpoint follows them: a busy stream of small
-//! transactions travels as large batches (mapping, fan-out and sink units cost per batch),
-//! an idle one is emitted as soon as its commit is read. A checkpoint still never closes a
-//! unit that holds part of a later transaction (see [`Gather`]).
+//! transactions gather into one batch per table (up to `batch_rows`), and only the newest
+//! transaction's checkpoint follows them: a busy stream of small transactions that touch
+//! several tables travels as a few large batches (mapping, fan-out and sink units cost per
+//! batch), an idle one is emitted as soon as its commit is read. A checkpoint still never
+//! closes a unit that holds part of a later transaction (see [`Gather`]).
+//!
+//! Order: each table's changes keep their stream order; between tables, changes of one
+//! unit may be reordered (sinks fold a unit per key, by position, see
+//! [`reduce`](crate::sink::reduce)), except across a truncate: nothing read after it goes
+//! out before it.
 //!
 //! Schema changes: a Relation message that differs from the table's current schema makes a
-//! new [`TableSchema`] version; the batch in progress is flushed first, so every batch
-//! carries the schema its rows follow.
+//! new [`TableSchema`] version; its rows start a new batch after the old version's, so every
+//! batch carries the schema its rows follow.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -62,18 +67,20 @@ struct Txn {
     seq: u64,
 }
 
-/// Changes read but not emitted yet, possibly of several transactions, the checkpoint of
-/// the newest transaction committed among them, and the confirm LSN of the newest
-/// checkpoint sent downstream.
+/// Changes read but not emitted yet, possibly of several transactions and tables, the
+/// checkpoint of the newest transaction committed among them, and the confirm LSN of the
+/// newest checkpoint sent downstream.
 ///
-/// Invariant: the first `committed` changes of `batch` belong to transactions that ended
-/// at or before `ready`, the rest to the open one. Whenever rows are emitted, `ready` goes
-/// right after the committed ones and before the others, so a checkpoint never closes a
-/// unit holding part of a later transaction.
+/// Invariants: `committed[i]` first changes of `batches[i]` belong to transactions that
+/// ended at or before `ready`, the rest to the open one; whenever rows are emitted, `ready`
+/// goes right after the committed ones and before the others, so a checkpoint never
+/// closes a unit holding part of a later transaction. Batches before `barrier` take no
+/// more changes (a truncate was read after them).
 #[derive(Default)]
 struct Gather {
-    batch: Option<ChangeBatch>,
-    committed: usize,
+    batches: Vec<ChangeBatch>,
+    committed: Vec<usize>,
+    barrier: usize,
     ready: Option<Checkpoint>,
     /// What every downstream must acknowledge before the stream is drained or idle.
     emitted: u64,
@@ -85,51 +92,77 @@ impl Gather {
     }
 
     fn is_empty(&self) -> bool {
-        self.batch.is_none() && self.ready.is_none()
+        self.batches.is_empty() && self.ready.is_none()
     }
 
     /// A transaction committed: everything gathered so far is committed.
     fn commit(&mut self, checkpoint: Checkpoint) {
-        self.committed = self.batch.as_ref().map_or(0, ChangeBatch::len);
+        self.committed = self.batches.iter().map(ChangeBatch::len).collect();
         self.ready = Some(checkpoint);
     }
 
-    /// Sends what is gathered, in order.
+    /// Adds a change of a table (in `schema`'s version) to the table's batch; returns
+    /// that batch's length.
+    fn add(&mut self, schema: &Arc<TableSchema>, change: Change) -> usize {
+        let truncate = change.op == Op::Truncate;
+        let open =
+            self.batches[self.barrier..].iter().rposition(|b| b.table == schema.id).map(|i| i + self.barrier).filter(
+                |&i| Arc::ptr_eq(&self.batches[i].schema, schema) && (!truncate || i + 1 == self.batches.len()),
+            );
+        let i = open.unwrap_or_else(|| {
+            self.batches.push(ChangeBatch {
+                table: schema.id.clone(),
+                schema: schema.clone(),
+                changes: Vec::with_capacity(16),
+                snapshot_last: false,
+            });
+            self.batches.len() - 1
+        });
+        if truncate {
+            self.barrier = i;
+        }
+        self.batches[i].changes.push(change);
+        self.batches[i].len()
+    }
+
+    /// Sends what is gathered: committed rows, their checkpoint, then the open rows.
     async fn emit(&mut self, out: &Sender<Event>) -> Result<()> {
-        if let Some(batch) = &self.batch {
+        for batch in &self.batches {
             // Counted per batch: a labelled counter costs a registry lookup.
             metrics::counter!(m::EVENTS_TOTAL, "stage" => "source", "table" => batch.table.to_string())
                 .increment(batch.len() as u64);
         }
         let committed = std::mem::take(&mut self.committed);
+        let batches = std::mem::take(&mut self.batches);
+        self.barrier = 0;
         let Some(checkpoint) = self.ready.take() else {
-            if let Some(batch) = self.batch.take() {
+            for batch in batches {
                 out.send(Event::Data(Arc::new(batch))).await?;
             }
             return Ok(());
         };
-        let open = match self.batch.take() {
-            Some(mut batch) => {
-                let open = batch.changes.split_off(committed.min(batch.changes.len()));
-                let rest = ChangeBatch {
+        let mut open = Vec::new();
+        for (i, mut batch) in batches.into_iter().enumerate() {
+            let done = committed.get(i).copied().unwrap_or(0);
+            let rest = batch.changes.split_off(done.min(batch.changes.len()));
+            if !rest.is_empty() {
+                open.push(ChangeBatch {
                     table: batch.table.clone(),
                     schema: batch.schema.clone(),
-                    changes: open,
+                    changes: rest,
                     snapshot_last: false,
-                };
-                if !batch.is_empty() {
-                    out.send(Event::Data(Arc::new(batch))).await?;
-                }
-                Some(rest).filter(|r| !r.is_empty())
+                });
             }
-            None => None,
-        };
+            if !batch.is_empty() {
+                out.send(Event::Data(Arc::new(batch))).await?;
+            }
+        }
         if let Some(confirm) = checkpoint.confirm_lsn {
             self.emitted = confirm;
         }
         out.send(Event::Checkpoint(checkpoint)).await?;
-        if let Some(open) = open {
-            out.send(Event::Data(Arc::new(open))).await?;
+        for batch in open {
+            out.send(Event::Data(Arc::new(batch))).await?;
         }
         Ok(())
     }
@@ -282,13 +315,8 @@ async fn handle_message(
 ) -> Result<()> {
     match message {
         Message::Relation(rel) => {
+            // Rows of a new version start a new batch (`Gather::add`).
             let schema = relation_schema(&rel, catalog_client, state).await?;
-            if let Some(schema) = &schema {
-                // A batch of the old version must not carry rows of the new one.
-                if gather.batch.as_ref().is_some_and(|b| b.table == schema.id && !Arc::ptr_eq(&b.schema, schema)) {
-                    gather.emit(at.out).await?;
-                }
-            }
             state.relations.insert(rel.oid, schema);
         }
         Message::Insert { relation, new } => {
@@ -394,7 +422,7 @@ fn same_columns(a: &TableSchema, b: &TableSchema) -> bool {
         && a.replica_identity == b.replica_identity
 }
 
-/// Adds a change to `gather`, sending what it held first if the change starts a new batch.
+/// Adds a change to `gather`, sending what it holds once its table's batch is full.
 async fn push(
     txn: &mut Option<Txn>,
     gather: &mut Gather,
@@ -417,18 +445,7 @@ async fn push(
         xid: t.xid,
         commit_micros: t.commit_micros,
     };
-    let same_table = gather.batch.as_ref().is_some_and(|b| Arc::ptr_eq(&b.schema, &schema));
-    if !same_table && gather.batch.is_some() {
-        gather.emit(at.out).await?;
-    }
-    let batch = gather.batch.get_or_insert_with(|| ChangeBatch {
-        table: schema.id.clone(),
-        schema: schema.clone(),
-        changes: Vec::with_capacity(16),
-        snapshot_last: false,
-    });
-    batch.changes.push(change);
-    if batch.changes.len() >= at.options.batch_rows {
+    if gather.add(&schema, change) >= at.options.batch_rows {
         gather.emit(at.out).await?;
     }
     Ok(())
@@ -439,19 +456,27 @@ mod tests {
     use super::*;
     use crate::mailbox::mailbox;
 
-    fn batch(positions: &[(u64, u64)]) -> ChangeBatch {
-        crate::message::testing::inserts(positions.iter().copied())
+    /// Table `t` (see `message::testing::inserts`) and an insert into it at (lsn, seq).
+    fn change(lsn: u64, seq: u64) -> (Arc<TableSchema>, Change) {
+        let mut batch = crate::message::testing::inserts([(lsn, seq)]);
+        (batch.schema, batch.changes.remove(0))
     }
 
-    /// What reached the mailbox: `D` and the positions of a data batch, `C` and the
-    /// position of a checkpoint.
+    fn other_table(schema: &Arc<TableSchema>, name: &str) -> Arc<TableSchema> {
+        Arc::new(TableSchema { id: TableId::new("public", name), ..TableSchema::clone(schema) })
+    }
+
+    /// What reached the mailbox: `D`, the table and the positions of a data batch, `C` and
+    /// the position of a checkpoint.
     fn drain(rx: &mut crate::mailbox::Mailbox<Event>) -> Vec<String> {
         let mut out = Vec::new();
         while let Some(e) = rx.try_recv() {
             out.push(match e {
-                Event::Data(b) => {
-                    format!("D{:?}", b.changes.iter().map(|c| (c.position.lsn, c.position.seq)).collect::<Vec<_>>())
-                }
+                Event::Data(b) => format!(
+                    "D{}{:?}",
+                    b.table.name,
+                    b.changes.iter().map(|c| (c.position.lsn, c.position.seq)).collect::<Vec<_>>()
+                ),
                 Event::Checkpoint(cp) => format!("C{}", cp.position.lsn),
                 other => format!("{other:?}"),
             });
@@ -462,24 +487,51 @@ mod tests {
     #[tokio::test]
     async fn a_checkpoint_goes_between_committed_rows_and_the_open_transaction() {
         let (tx, mut rx) = mailbox::<Event>("t", "test", 100);
-        // Transactions 10 and 20 committed, 30 open: one checkpoint (20's) after 10 and 20.
-        let mut gather = Gather { batch: Some(batch(&[(10, 1), (10, 2), (20, 1)])), ..Gather::default() };
+        let t = change(0, 0).0;
+        let u = other_table(&t, "u");
+        let mut gather = Gather::default();
+        // Transactions 10 and 20 committed, 30 open: one checkpoint (20's) after the rows
+        // of 10 and 20, one batch per table.
+        gather.add(&t, change(10, 1).1);
+        gather.add(&u, change(10, 2).1);
+        gather.add(&t, change(10, 3).1);
         gather.commit(Checkpoint::source(Position::txn_end(10), Some(11)));
+        gather.add(&t, change(20, 1).1);
         gather.commit(Checkpoint::source(Position::txn_end(20), Some(21)));
-        gather.batch.as_mut().expect("batch").changes.extend(batch(&[(30, 1)]).changes);
+        gather.add(&u, change(30, 1).1);
         gather.emit(&tx).await.expect("emit");
         assert_eq!(gather.emitted, 21);
-        assert_eq!(drain(&mut rx), vec!["D[(10, 1), (10, 2), (20, 1)]", &format!("C{}", 20), "D[(30, 1)]"]);
+        assert_eq!(drain(&mut rx), vec!["Dt[(10, 1), (10, 3), (20, 1)]", "Du[(10, 2)]", "C20", "Du[(30, 1)]"]);
         assert!(gather.is_empty());
         // Only open rows: no checkpoint.
-        gather.batch = Some(batch(&[(40, 1)]));
+        gather.add(&t, change(30, 2).1);
         gather.emit(&tx).await.expect("emit");
         assert_eq!(gather.emitted, 21, "no checkpoint sent");
-        assert_eq!(drain(&mut rx), vec!["D[(40, 1)]"]);
+        assert_eq!(drain(&mut rx), vec!["Dt[(30, 2)]"]);
         // A checkpoint whose rows went out before: alone.
-        gather.commit(Checkpoint::source(Position::txn_end(40), Some(41)));
+        gather.commit(Checkpoint::source(Position::txn_end(30), Some(31)));
         gather.emit(&tx).await.expect("emit");
-        assert_eq!(gather.emitted, 41);
-        assert_eq!(drain(&mut rx), vec!["C40"]);
+        assert_eq!(gather.emitted, 31);
+        assert_eq!(drain(&mut rx), vec!["C30"]);
+    }
+
+    #[tokio::test]
+    async fn truncates_and_schema_versions_keep_their_place() {
+        let (tx, mut rx) = mailbox::<Event>("t", "test", 100);
+        let t = change(0, 0).0;
+        let u = other_table(&t, "u");
+        let t2 = Arc::new(TableSchema { version: 2, ..TableSchema::clone(&t) });
+        let mut gather = Gather::default();
+        gather.add(&t, change(50, 1).1);
+        let mut truncate = change(50, 2).1;
+        truncate.op = Op::Truncate;
+        gather.add(&u, truncate);
+        // After the truncate, `t` starts a new batch instead of joining the one before it.
+        gather.add(&t, change(50, 3).1);
+        gather.add(&u, change(50, 4).1);
+        // A new version of `t`: a new batch after the old version's.
+        gather.add(&t2, change(50, 5).1);
+        gather.emit(&tx).await.expect("emit");
+        assert_eq!(drain(&mut rx), vec!["Dt[(50, 1)]", "Du[(50, 2), (50, 4)]", "Dt[(50, 3)]", "Dt[(50, 5)]"]);
     }
 }

@@ -9,9 +9,12 @@
 //! ```
 //!
 //! Invariants:
-//! - Per sink the fan-out remembers the last position it forwarded and forwards only
-//!   newer changes and checkpoints, so a source that rewinds (replays from the confirmed
-//!   LSN after a restart) never hands a sink the same change twice.
+//! - Per sink the fan-out remembers the last position it forwarded, per table and for
+//!   checkpoints, and forwards only newer changes and checkpoints, so a source that rewinds
+//!   (replays from the confirmed LSN after a restart) never hands a sink the same change
+//!   twice. Per table, because the source keeps each table's order but gathers a unit's
+//!   changes per table: a batch of one table may hold older positions than the batch of
+//!   another table just before it.
 //! - The confirmed LSN is the end LSN of the newest checkpoint that *every* sink, attached
 //!   or not, acknowledged: a failed or paused sink holds the slot (PostgreSQL keeps its
 //!   WAL) while the others go on. That is the trade-off of one source for many sinks:
@@ -26,7 +29,7 @@
 //!   on, and the sink re-attaches from what it holds durably, which rewinds the source.
 //!   So a slow sink holds the others back by at most the stall timeout at a time.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::fault::Faults;
 use crate::mailbox::{Mailbox, Sender};
 use crate::message::{Ack, ChangeBatch, Event, Position};
+use crate::schema::TableId;
 
 /// How long the fan-out waits for every sink pipeline before serving the ones attached.
 pub const STARTUP_GRACE: Duration = Duration::from_secs(5);
@@ -54,11 +58,30 @@ pub enum FanoutControl {
     },
 }
 
+/// What a sink was handed: everything up to `floor`, and after it, per table, the changes
+/// up to that table's position, and the checkpoints up to `checkpoint`.
+#[derive(Debug, Default)]
+struct Forwarded {
+    floor: Position,
+    tables: HashMap<TableId, Position>,
+    checkpoint: Position,
+}
+
+impl Forwarded {
+    fn from(floor: Position) -> Self {
+        Self { floor, tables: HashMap::new(), checkpoint: floor }
+    }
+
+    fn table(&self, table: &TableId) -> Position {
+        self.tables.get(table).map_or(self.floor, |p| (*p).max(self.floor))
+    }
+}
+
 struct SinkSlot {
     name: String,
     tx: Option<Sender<Event>>,
     detached: Option<tokio::sync::oneshot::Sender<String>>,
-    forwarded: Position,
+    forwarded: Forwarded,
     acked: Position,
     /// Re-attached behind the stream: waits for the rewound stream.
     awaiting_replay: bool,
@@ -89,7 +112,14 @@ pub async fn run(
     let mut slots: Vec<SinkSlot> = sinks
         .into_iter()
         .zip(durable)
-        .map(|(name, d)| SinkSlot { name, tx: None, detached: None, forwarded: d, acked: d, awaiting_replay: false })
+        .map(|(name, d)| SinkSlot {
+            name,
+            tx: None,
+            detached: None,
+            forwarded: Forwarded::from(d),
+            acked: d,
+            awaiting_replay: false,
+        })
         .collect();
     // Checkpoints that confirm an LSN, in stream order, not yet acknowledged by all.
     let mut pending: VecDeque<(Position, u64)> = VecDeque::new();
@@ -123,7 +153,7 @@ pub async fn run(
                 tracing::info!(sink = %slot.name, durable = ?durable, "sink pipeline attached");
                 slot.tx = Some(tx);
                 slot.detached = Some(detached);
-                slot.forwarded = durable;
+                slot.forwarded = Forwarded::from(durable);
                 slot.acked = slot.acked.max(durable);
                 let _ = reply.send(());
                 slot.awaiting_replay = durable < head;
@@ -154,7 +184,7 @@ pub async fn run(
                         head = Position::START;
                         pending.clear();
                         for s in &mut slots {
-                            s.forwarded = Position::START;
+                            s.forwarded = Forwarded::default();
                             s.acked = Position::START;
                             s.awaiting_replay = false;
                         }
@@ -194,15 +224,15 @@ async fn forward(slot: &mut SinkSlot, event: &Event, stall_timeout: Option<Durat
     }
     let out = match event {
         Event::SnapshotBegin { .. } => Some(event.clone()),
-        Event::Checkpoint(cp) => (cp.position > slot.forwarded).then(|| event.clone()),
-        Event::Data(batch) => unseen(batch, slot.forwarded).map(Event::Data),
+        Event::Checkpoint(cp) => (cp.position > slot.forwarded.checkpoint).then(|| event.clone()),
+        Event::Data(batch) => unseen(batch, slot.forwarded.table(&batch.table)).map(Event::Data),
         Event::Rewound => None,
     };
     let Some(out) = out else { return };
-    let last = match &out {
-        Event::Checkpoint(cp) => Some(cp.position),
-        Event::Data(b) => b.last_position(),
-        Event::SnapshotBegin { .. } | Event::Rewound => Some(Position::START),
+    let handed = match &out {
+        Event::Checkpoint(cp) => Handed::Checkpoint(cp.position),
+        Event::Data(b) => b.last_position().map_or(Handed::Nothing, |p| Handed::Rows(b.table.clone(), p)),
+        Event::SnapshotBegin { .. } | Event::Rewound => Handed::Start,
     };
     let sent = match stall_timeout {
         Some(limit) => tokio::time::timeout(limit, tx.send(out)).await,
@@ -231,9 +261,22 @@ async fn forward(slot: &mut SinkSlot, event: &Event, stall_timeout: Option<Durat
             return;
         }
     }
-    if let Some(p) = last {
-        slot.forwarded = p;
+    match handed {
+        Handed::Checkpoint(p) => slot.forwarded.checkpoint = p,
+        Handed::Rows(table, p) => {
+            slot.forwarded.tables.insert(table, p);
+        }
+        Handed::Start => slot.forwarded = Forwarded::default(),
+        Handed::Nothing => {}
     }
+}
+
+/// What forwarding an event hands a sink, for [`Forwarded`].
+enum Handed {
+    Checkpoint(Position),
+    Rows(TableId, Position),
+    Start,
+    Nothing,
 }
 
 /// The part of a batch after `seen` (the whole batch shared when nothing was seen).
@@ -341,6 +384,37 @@ mod tests {
         h.confirm.changed().await.unwrap();
         assert_eq!(*h.confirm.borrow(), 18);
         assert_eq!(*h.rewind.borrow(), 0);
+        h.task.abort();
+    }
+
+    #[tokio::test]
+    async fn batches_of_other_tables_with_older_positions_are_forwarded_once() {
+        let mut h = harness(100, None);
+        let other = |b: Arc<ChangeBatch>| {
+            Event::Data(Arc::new(ChangeBatch { table: TableId::new("public", "u"), ..ChangeBatch::clone(&b) }))
+        };
+        // One unit gathered per table: t holds 10.1 and 10.3, u holds 10.2 and comes after.
+        let t = Arc::new(ChangeBatch {
+            changes: [batch(10, 1..=1), batch(10, 3..=3)].iter().flat_map(|b| b.changes.clone()).collect(),
+            ..ChangeBatch::clone(&batch(10, 1..=1))
+        });
+        let unit = [Event::Data(t), other(batch(10, 2..=2)), cp(10)];
+        // Then the source rewinds and replays the unit.
+        for e in unit.iter().chain(&unit) {
+            h.src.send(e.clone()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut seen = Vec::new();
+        while let Some(e) = h.sinks[0].try_recv() {
+            seen.push(match e {
+                Event::Data(b) => {
+                    format!("{} {:?}", b.table.name, b.changes.iter().map(|c| c.position.seq).collect::<Vec<_>>())
+                }
+                Event::Checkpoint(c) => format!("cp {}", c.position.lsn),
+                other => format!("{other:?}"),
+            });
+        }
+        assert_eq!(seen, vec!["t [1, 3]", "u [2]", "cp 10"]);
         h.task.abort();
     }
 
