@@ -58,6 +58,16 @@ pub struct Args {
     /// Transports to measure: direct, kafka.
     #[arg(long, value_delimiter = ',', default_value = "direct,kafka")]
     pub transports: Vec<String>,
+    /// Phases to run: snapshot (into each sink kind), catchup (into the PostgreSQL sink
+    /// alone), catchup-all (into the three sinks at once), latency. The native reference
+    /// runs the snapshot, catchup and latency ones.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "snapshot,catchup,catchup-all,latency",
+        value_parser = ["snapshot", "catchup", "catchup-all", "latency"]
+    )]
+    pub phases: Vec<String>,
     /// Skip PostgreSQL's native replication.
     #[arg(long)]
     pub skip_native: bool,
@@ -101,6 +111,12 @@ pub struct Args {
     pub json: Option<std::path::PathBuf>,
 }
 
+impl Args {
+    pub fn runs(&self, phase: &str) -> bool {
+        self.phases.iter().any(|p| p == phase)
+    }
+}
+
 fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -136,17 +152,17 @@ fn print_table(results: &[(Transport, Figures)], native: Option<&native::NativeF
     row(
         "snapshot rows/s  postgres",
         &|f| f.snapshot.get("postgres").copied(),
-        native.map(|n| n.snapshot_rows_per_s),
+        native.and_then(|n| n.snapshot_rows_per_s),
         0,
     );
     row("snapshot rows/s  mysql", &|f| f.snapshot.get("mysql").copied(), None, 0);
     row("snapshot rows/s  parquet", &|f| f.snapshot.get("parquet").copied(), None, 0);
-    row("catch-up ev/s postgres alone", &|f| f.catchup_postgres_alone, native.map(|n| n.catchup_events_per_s), 0);
+    row("catch-up ev/s postgres alone", &|f| f.catchup_postgres_alone, native.and_then(|n| n.catchup_events_per_s), 0);
     row("catch-up events/s postgres", &|f| f.catchup.get("postgres").copied(), None, 0);
     row("catch-up events/s mysql", &|f| f.catchup.get("mysql").copied(), None, 0);
     row("catch-up events/s parquet", &|f| f.catchup.get("parquet").copied(), None, 0);
-    row("latency p50 (ms)", &|f| f.latency_p50_ms, native.map(|n| n.latency_p50_ms), 2);
-    row("latency p99 (ms)", &|f| f.latency_p99_ms, native.map(|n| n.latency_p99_ms), 2);
+    row("latency p50 (ms)", &|f| f.latency_p50_ms, native.and_then(|n| n.latency_p50_ms), 2);
+    row("latency p99 (ms)", &|f| f.latency_p99_ms, native.and_then(|n| n.latency_p99_ms), 2);
     row("peak RSS (MB)", &|f| f.peak_rss_mb, None, 1);
 }
 
@@ -207,11 +223,11 @@ async fn main() -> anyhow::Result<()> {
     let direct = results.iter().find(|(t, _)| *t == Transport::Direct).map(|(_, f)| f);
     let ratios = native.as_ref().map(|n| {
         json!({
-            "snapshot": ratio(direct.and_then(|f| f.snapshot.get("postgres").copied()), Some(n.snapshot_rows_per_s)),
+            "snapshot": ratio(direct.and_then(|f| f.snapshot.get("postgres").copied()), n.snapshot_rows_per_s),
             // The PostgreSQL sink alone, as the subscription is alone.
-            "catchup": ratio(direct.and_then(|f| f.catchup_postgres_alone), Some(n.catchup_events_per_s)),
+            "catchup": ratio(direct.and_then(|f| f.catchup_postgres_alone), n.catchup_events_per_s),
             // Below 1 is better: sluice's p99 over native's.
-            "latency_p99": ratio(direct.and_then(|f| f.latency_p99_ms), Some(n.latency_p99_ms)),
+            "latency_p99": ratio(direct.and_then(|f| f.latency_p99_ms), n.latency_p99_ms),
         })
     });
     let line = json!({

@@ -11,12 +11,12 @@ use tokio_postgres::Client;
 use crate::scenario::{Bench, CATCHUP_USERS, count, insert_marker, measure_latency, percentile, pg, workload};
 use crate::wait_for;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct NativeFigures {
-    pub snapshot_rows_per_s: f64,
-    pub catchup_events_per_s: f64,
-    pub latency_p50_ms: f64,
-    pub latency_p99_ms: f64,
+    pub snapshot_rows_per_s: Option<f64>,
+    pub catchup_events_per_s: Option<f64>,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
 }
 
 const SUBSCRIBER: &str = "bench_native";
@@ -101,17 +101,32 @@ async fn unsubscribe(bench: &Bench, subscriber: Client, source: &str) -> anyhow:
 }
 
 pub async fn measure(bench: &Bench) -> anyhow::Result<NativeFigures> {
-    // 1. Snapshot: the initial table synchronisation of N users.
+    let mut figures = NativeFigures::default();
+    if bench.args.runs("snapshot") {
+        figures.snapshot_rows_per_s = Some(snapshot(bench).await?);
+    }
+    if bench.args.runs("catchup") || bench.args.runs("latency") {
+        catchup_and_latency(bench, &mut figures).await?;
+    }
+    Ok(figures)
+}
+
+/// Rows/s of the initial table synchronisation of N users.
+async fn snapshot(bench: &Bench) -> anyhow::Result<f64> {
     let rows = bench.args.rows;
     let started = Instant::now();
     let subscriber = subscribe(bench, "bench_src", true).await?;
     wait_for("the native initial copy", LIMIT, Duration::from_millis(100), || synced(&subscriber)).await?;
-    let snapshot_rows_per_s = rows as f64 / started.elapsed().as_secs_f64();
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
     anyhow::ensure!(count(&subscriber, "users").await? == rows as i64, "the native copy is incomplete");
-    eprintln!("[bench] native snapshot: {snapshot_rows_per_s:.0} rows/s");
+    eprintln!("[bench] native snapshot: {rate:.0} rows/s");
     unsubscribe(bench, subscriber, "bench_src").await?;
+    Ok(rate)
+}
 
-    // 2. Catch-up: the same workload written while the subscription is disabled.
+/// Catch-up (the same workload written while the subscription is disabled), then latency
+/// on the caught-up subscription.
+async fn catchup_and_latency(bench: &Bench, figures: &mut NativeFigures) -> anyhow::Result<()> {
     bench.ensure_source("bench_cu", CATCHUP_USERS).await?;
     let subscriber = subscribe(bench, "bench_cu", true).await?;
     wait_for("the native copy of the catch-up source", LIMIT, Duration::from_millis(100), || synced(&subscriber))
@@ -121,28 +136,39 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<NativeFigures> {
         users >= CATCHUP_USERS as i64 && count(&subscriber, "users").await? == users,
         "native copy incomplete"
     );
-    subscriber.batch_execute("ALTER SUBSCRIPTION bench_native DISABLE").await?;
     let source = pg(&bench.url("bench_cu")).await?;
-    eprintln!("[bench] native catch-up: writing {} changes while the subscription is disabled", bench.args.changes);
-    let summary =
-        loadgen::run(workload(&bench.url("bench_cu"), bench.args.changes, 0, 5, false), Default::default()).await?;
-    let marker = insert_marker(&source).await?;
-    let started = Instant::now();
-    subscriber.batch_execute("ALTER SUBSCRIPTION bench_native ENABLE").await?;
-    wait_for("the native catch-up", LIMIT, Duration::from_millis(50), || async {
-        Ok(subscriber.query_opt("SELECT 1 FROM users WHERE email = $1", &[&marker]).await?.is_some())
-    })
-    .await?;
-    let catchup_events_per_s = summary.changes as f64 / started.elapsed().as_secs_f64();
-    eprintln!("[bench] native catch-up: {catchup_events_per_s:.0} events/s");
-
-    // 3. Latency, on the caught-up subscription.
-    let latencies =
-        measure_latency(&source, &subscriber, &bench.url("bench_cu"), bench.args.latency_txns, bench.args.latency_rate)
-            .await?;
-    let p = |q| percentile(&latencies, q).unwrap_or(f64::NAN);
-    let (latency_p50_ms, latency_p99_ms) = (p(0.50), p(0.99));
-    eprintln!("[bench] native latency: p50 {latency_p50_ms:.2} ms, p99 {latency_p99_ms:.2} ms");
-    unsubscribe(bench, subscriber, "bench_cu").await?;
-    Ok(NativeFigures { snapshot_rows_per_s, catchup_events_per_s, latency_p50_ms, latency_p99_ms })
+    if bench.args.runs("catchup") {
+        subscriber.batch_execute("ALTER SUBSCRIPTION bench_native DISABLE").await?;
+        eprintln!("[bench] native catch-up: writing {} changes while the subscription is disabled", bench.args.changes);
+        let summary =
+            loadgen::run(workload(&bench.url("bench_cu"), bench.args.changes, 0, 5, false), Default::default()).await?;
+        let marker = insert_marker(&source).await?;
+        let started = Instant::now();
+        subscriber.batch_execute("ALTER SUBSCRIPTION bench_native ENABLE").await?;
+        wait_for("the native catch-up", LIMIT, Duration::from_millis(50), || async {
+            Ok(subscriber.query_opt("SELECT 1 FROM users WHERE email = $1", &[&marker]).await?.is_some())
+        })
+        .await?;
+        let rate = summary.changes as f64 / started.elapsed().as_secs_f64();
+        eprintln!("[bench] native catch-up: {rate:.0} events/s");
+        figures.catchup_events_per_s = Some(rate);
+    }
+    if bench.args.runs("latency") {
+        let latencies = measure_latency(
+            &source,
+            &subscriber,
+            &bench.url("bench_cu"),
+            bench.args.latency_txns,
+            bench.args.latency_rate,
+        )
+        .await?;
+        let p = |q| percentile(&latencies, q);
+        (figures.latency_p50_ms, figures.latency_p99_ms) = (p(0.50), p(0.99));
+        eprintln!(
+            "[bench] native latency: p50 {:.2} ms, p99 {:.2} ms",
+            figures.latency_p50_ms.unwrap_or(f64::NAN),
+            figures.latency_p99_ms.unwrap_or(f64::NAN)
+        );
+    }
+    unsubscribe(bench, subscriber, "bench_cu").await
 }

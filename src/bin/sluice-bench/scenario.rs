@@ -261,29 +261,39 @@ impl Bench {
     pub async fn measure(&self, transport: Transport) -> anyhow::Result<Figures> {
         let mut figures = Figures::default();
         let mut rss: f64 = 0.0;
-        for kind in KINDS {
-            let (rate, peak) = self.snapshot(transport, kind).await.with_context(|| format!("snapshot into {kind}"))?;
-            eprintln!("[bench] {} snapshot into {kind}: {rate:.0} rows/s, peak RSS {peak:.1} MB", transport.name());
-            figures.snapshot.insert(kind.into(), rate);
+        if self.args.runs("snapshot") {
+            for kind in KINDS {
+                let (rate, peak) =
+                    self.snapshot(transport, kind).await.with_context(|| format!("snapshot into {kind}"))?;
+                eprintln!("[bench] {} snapshot into {kind}: {rate:.0} rows/s, peak RSS {peak:.1} MB", transport.name());
+                figures.snapshot.insert(kind.into(), rate);
+                rss = rss.max(peak);
+            }
+        }
+        if self.args.runs("catchup") {
+            let (alone, peak) = self.catchup(transport, &["postgres"]).await.context("catch-up (postgres alone)")?;
+            if let Some((_, rate)) = alone.first() {
+                eprintln!("[bench] {} catch-up into postgres alone: {rate:.0} events/s", transport.name());
+                figures.catchup_postgres_alone = Some(*rate);
+            }
             rss = rss.max(peak);
         }
-        let (alone, peak) = self.catchup(transport, &["postgres"]).await.context("catch-up (postgres alone)")?;
-        if let Some((_, rate)) = alone.first() {
-            eprintln!("[bench] {} catch-up into postgres alone: {rate:.0} events/s", transport.name());
-            figures.catchup_postgres_alone = Some(*rate);
+        if self.args.runs("catchup-all") {
+            let (rates, peak) = self.catchup(transport, &KINDS).await.context("catch-up")?;
+            for (kind, rate) in rates {
+                eprintln!("[bench] {} catch-up into {kind}: {rate:.0} events/s", transport.name());
+                figures.catchup.insert(kind, rate);
+            }
+            eprintln!("[bench] {} catch-up peak RSS {peak:.1} MB", transport.name());
+            rss = rss.max(peak);
         }
-        rss = rss.max(peak);
-        let (rates, peak) = self.catchup(transport, &KINDS).await.context("catch-up")?;
-        for (kind, rate) in rates {
-            eprintln!("[bench] {} catch-up into {kind}: {rate:.0} events/s", transport.name());
-            figures.catchup.insert(kind, rate);
+        if self.args.runs("latency") {
+            let (p50, p99, peak) = self.latency(transport).await.context("latency")?;
+            eprintln!("[bench] {} latency: p50 {p50:.2} ms, p99 {p99:.2} ms, peak RSS {peak:.1} MB", transport.name());
+            (figures.latency_p50_ms, figures.latency_p99_ms) = (Some(p50), Some(p99));
+            rss = rss.max(peak);
         }
-        eprintln!("[bench] {} catch-up peak RSS {peak:.1} MB", transport.name());
-        rss = rss.max(peak);
-        let (p50, p99, peak) = self.latency(transport).await.context("latency")?;
-        eprintln!("[bench] {} latency: p50 {p50:.2} ms, p99 {p99:.2} ms, peak RSS {peak:.1} MB", transport.name());
-        (figures.latency_p50_ms, figures.latency_p99_ms) = (Some(p50), Some(p99));
-        figures.peak_rss_mb = Some(rss.max(peak));
+        figures.peak_rss_mb = Some(rss);
         Ok(figures)
     }
 
