@@ -18,6 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::error::{Disposition, Result};
 use crate::mapper::plan::TargetTable;
@@ -46,6 +47,10 @@ impl PartOp<'_> {
         }
     }
 }
+
+/// How long a commit may wait for the database's own WAL flush before the writer's tick
+/// forces one (PostgreSQL's WAL writer flushes every `wal_writer_delay`, 200 ms).
+const FLUSH_AFTER: Duration = Duration::from_millis(100);
 
 /// When a committed transaction is durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,8 +91,9 @@ pub struct DbSink<D> {
     in_txn: bool,
     ensured: HashMap<TableId, Arc<TargetTable>>,
     newest_commit_micros: i64,
-    /// Committed units not durable yet, with the WAL position they are durable at.
-    pending: VecDeque<(u64, Checkpoint)>,
+    /// Committed units not durable yet, with the WAL position they are durable at, and
+    /// when they committed.
+    pending: VecDeque<(u64, Checkpoint, Instant)>,
 }
 
 impl<D: Database> DbSink<D> {
@@ -104,8 +110,8 @@ impl<D: Database> DbSink<D> {
 
     /// The pending checkpoints durable once the WAL is flushed up to `flushed`, in order.
     fn release(&mut self, flushed: u64) -> Vec<Checkpoint> {
-        let durable = self.pending.iter().take_while(|(lsn, _)| *lsn <= flushed).count();
-        self.pending.drain(..durable).map(|(_, cp)| cp).collect()
+        let durable = self.pending.iter().take_while(|(lsn, ..)| *lsn <= flushed).count();
+        self.pending.drain(..durable).map(|(_, cp, _)| cp).collect()
     }
 
     async fn ensure(&mut self, target: &Arc<TargetTable>) -> Result<()> {
@@ -233,21 +239,23 @@ impl<D: Database> Sink for DbSink<D> {
         }
         Ok(match durable {
             Durable::Now => {
-                self.pending.push_back((0, checkpoint.clone()));
+                self.pending.push_back((0, checkpoint.clone(), Instant::now()));
                 self.release(u64::MAX)
             }
             Durable::At { lsn, flushed } => {
-                self.pending.push_back((lsn, checkpoint.clone()));
+                self.pending.push_back((lsn, checkpoint.clone(), Instant::now()));
                 self.release(flushed)
             }
         })
     }
 
-    /// Called when the writer is idle or on time: what is committed is made durable now
-    /// (one WAL flush), rather than when the database gets to it.
-    async fn tick(&mut self, _force: bool) -> Result<Vec<Checkpoint>> {
+    /// Commits that waited [`FLUSH_AFTER`] for the database to flush them (or any, with
+    /// `force`) are made durable now, with one WAL flush: while units keep coming, each
+    /// commit releases what the database flushed meanwhile at no cost.
+    async fn tick(&mut self, force: bool) -> Result<Vec<Checkpoint>> {
+        let waited = self.pending.front().is_some_and(|(.., at)| force || at.elapsed() >= FLUSH_AFTER);
         // Not while a transaction larger than a unit is being written into.
-        if self.pending.is_empty() || self.in_txn {
+        if !waited || self.in_txn {
             return Ok(Vec::new());
         }
         let flushed = self.db.flush(&self.name).await?;

@@ -38,9 +38,8 @@ use crate::message::{Checkpoint, Position, StreamOffset};
 ///   neither). It returns the checkpoints that are durable now, in order: the one given
 ///   for a database sink; possibly none (and later several) for a sink that makes units
 ///   durable in batches, like Parquet files. Only returned checkpoints are acknowledged.
-/// - [`Sink::tick`] is called about every second, whenever the writer runs out of work
-///   after a commit, and at a graceful stop (`force`), for sinks that make data durable on
-///   time or after their commit returns.
+/// - [`Sink::tick`] is called every [`TICK`] and at a graceful stop (`force`), for sinks
+///   that make data durable on time or some time after their commit returns.
 /// - Writes must be idempotent per key for database sinks (upserts, deletes by key), so a
 ///   unit replayed after a crash before its commit lands once.
 /// - A row the sink rejects permanently goes to its dead-letter store inside the same unit.
@@ -65,6 +64,9 @@ pub trait Sink: Send {
     fn snapshot_begin(&mut self, targets: &[Arc<TargetTable>], stream: &str)
     -> impl Future<Output = Result<()>> + Send;
 }
+
+/// How often a writer ticks its sink.
+pub const TICK: Duration = Duration::from_millis(100);
 
 /// How a writer groups its work.
 #[derive(Debug, Clone)]
@@ -128,7 +130,7 @@ pub async fn run<S: Sink>(
     let mut tail: Vec<SinkItem> = Vec::new();
     let mut ready: Option<Checkpoint> = None;
     let mut draining = *stop.borrow();
-    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let event = if ready.is_some() {
@@ -136,9 +138,11 @@ pub async fn run<S: Sink>(
                 Some(e) => e,
                 None => {
                     flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
-                    // Idle: commits not durable yet are made durable now; when stopping,
-                    // also what a sink holds back on purpose (Parquet files).
-                    sink.tick(draining).await?.into_iter().for_each(&on_commit);
+                    if draining {
+                        // Stopping and idle: what a sink holds back (Parquet files, commits
+                        // the database has not flushed yet) is made durable now.
+                        sink.tick(true).await?.into_iter().for_each(&on_commit);
+                    }
                     continue;
                 }
             }
