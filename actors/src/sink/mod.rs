@@ -36,8 +36,10 @@ use crate::message::{Checkpoint, Position, StreamOffset};
 /// - [`Sink::commit`] closes the unit: everything written since the last commit becomes
 ///   durable together with `offsets`, atomically (after a crash either both are there or
 ///   neither). It returns the checkpoints that are durable now, in order: the one given
-///   for a database sink; possibly none (and later several) for a sink that makes units
-///   durable in batches, like Parquet files. Only returned checkpoints are acknowledged.
+///   for MySQL; possibly none (and later several, from a commit or a tick) for a sink
+///   that makes units durable in batches, like Parquet files, or after its commit
+///   returns, like PostgreSQL (asynchronous commit). Only returned checkpoints are
+///   acknowledged.
 /// - [`Sink::tick`] is called every [`TICK`] and at a graceful stop (`force`), for sinks
 ///   that make data durable on time or some time after their commit returns.
 /// - Writes must be idempotent per key for database sinks (upserts, deletes by key), so a

@@ -359,6 +359,13 @@ impl Database for PgDatabase {
             .batch_execute("SET synchronous_commit = off")
             .await
             .context(format!("{}: set synchronous_commit", self.describe))?;
+        // Values this session stores compressed, in columns without a compression method
+        // of their own, use lz4 where the server has it: pglz took over half of the sink
+        // backend's time in a snapshot of 1 KB rows with long texts. Reads are unchanged
+        // (each value records its method).
+        if let Err(e) = client.batch_execute("SET default_toast_compression = lz4").await {
+            tracing::debug!(sink = %self.describe, error = %e, "lz4 TOAST compression unavailable: the server's default stays");
+        }
         self.client = Some(client);
         Ok(())
     }

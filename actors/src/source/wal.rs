@@ -105,19 +105,22 @@ impl Gather {
     /// that batch's length.
     fn add(&mut self, schema: &Arc<TableSchema>, change: Change) -> usize {
         let truncate = change.op == Op::Truncate;
-        let open =
-            self.batches[self.barrier..].iter().rposition(|b| b.table == schema.id).map(|i| i + self.barrier).filter(
-                |&i| Arc::ptr_eq(&self.batches[i].schema, schema) && (!truncate || i + 1 == self.batches.len()),
-            );
-        let i = open.unwrap_or_else(|| {
-            self.batches.push(ChangeBatch {
-                table: schema.id.clone(),
-                schema: schema.clone(),
-                changes: Vec::with_capacity(16),
-                snapshot_last: false,
-            });
-            self.batches.len() - 1
-        });
+        let last = self.batches[self.barrier..].iter().rposition(|b| b.table == schema.id).map(|i| i + self.barrier);
+        // Same version; a truncate joins only a batch that nothing was gathered after.
+        let joins =
+            |i: &usize| Arc::ptr_eq(&self.batches[*i].schema, schema) && (!truncate || *i + 1 == self.batches.len());
+        let i = match last.filter(joins) {
+            Some(i) => i,
+            None => {
+                self.batches.push(ChangeBatch {
+                    table: schema.id.clone(),
+                    schema: schema.clone(),
+                    changes: Vec::with_capacity(16),
+                    snapshot_last: false,
+                });
+                self.batches.len() - 1
+            }
+        };
         if truncate {
             self.barrier = i;
         }
