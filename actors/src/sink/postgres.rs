@@ -627,15 +627,18 @@ impl Database for PgDatabase {
     }
 
     /// A transaction that writes WAL and commits synchronously flushes the WAL up to its
-    /// commit record, past everything committed before it: it touches this sink's offsets
-    /// rows (there are some once a unit committed). The caller compares with the flushed
-    /// position either way, so a flush that did not happen only delays the release
-    /// (PostgreSQL's WAL writer flushes asynchronous commits within `3 * wal_writer_delay`).
+    /// commit record, past everything committed before it: it touches one of this sink's
+    /// offsets rows (there are some once a unit committed), one that nobody holds, so it
+    /// never waits (consumers of one group share the rows). The caller compares with the
+    /// flushed position either way, so a flush that did not happen only delays the
+    /// release (PostgreSQL's WAL writer flushes asynchronous commits within
+    /// `3 * wal_writer_delay`).
     async fn flush(&mut self, sink: &str) -> Result<u64> {
         let lsns = self
             .wal_positions(&format!(
                 "BEGIN; SET LOCAL synchronous_commit = on; \
-                 UPDATE public.sluice_offsets SET updated_at = now() WHERE sink = {}; COMMIT; \
+                 UPDATE public.sluice_offsets SET updated_at = now() WHERE ctid IN \
+                 (SELECT ctid FROM public.sluice_offsets WHERE sink = {} LIMIT 1 FOR UPDATE SKIP LOCKED); COMMIT; \
                  SELECT (pg_current_wal_flush_lsn() - '0/0')::text",
                 quote_literal(sink)
             ))
