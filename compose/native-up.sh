@@ -3,7 +3,7 @@
 # Idempotent: run it as often as you like; it changes and restarts only what is not ready.
 #
 #   PostgreSQL  127.0.0.1:5432  wal_level=logical, max_replication_slots/max_wal_senders >= 16
-#   MariaDB     127.0.0.1:3306  binary log on, ROW format (for a MySQL source later)
+#   MariaDB     127.0.0.1:3306  as installed (started if it is not running)
 #   Kafka API   127.0.0.1:9092  the tansu broker (crates.io), built once into a cache folder
 #
 # Environment (all optional):
@@ -85,31 +85,23 @@ if ! mysql_q 'SELECT 1' >/dev/null 2>&1; then
 fi
 wait_for "MariaDB at $MYSQL_HOST:$MYSQL_PORT" 60 mysql_q 'SELECT 1'
 
-if [ "$(mysql_q "SELECT @@log_bin")" != 1 ] || [ "$(mysql_q "SELECT @@binlog_format")" != ROW ]; then
-  # A block appended once to the server's option file (Debian's my.cnf may include no conf.d).
-  my_cnf=/etc/mysql/my.cnf
-  if ! grep -q '^# sluice: binary log' "$my_cnf" 2>/dev/null; then
-    say "enabling the MariaDB binary log (ROW) in $my_cnf"
-    cat >> "$my_cnf" <<'EOF'
-
-# sluice: binary log for a MySQL source (written by compose/native-up.sh)
-[mysqld]
-server_id = 1
-log_bin = mysql-bin
-binlog_format = ROW
-binlog_row_image = FULL
-EOF
-  fi
+# The server runs with its own settings: the sink is measured on what users have. An
+# earlier version of this script turned the binary log on (for a MySQL source that does not
+# exist): that block is taken out again, and the server restarted once.
+my_cnf=/etc/mysql/my.cnf
+if grep -q '^# sluice: binary log' "$my_cnf" 2>/dev/null; then
+  say "removing the binary log settings an earlier version of this script added to $my_cnf"
+  sed -i '/^# sluice: binary log/,/^binlog_row_image = FULL$/d' "$my_cnf"
+  # The blank line the block was appended after.
+  sed -i -e :a -e '/^\n*$/{$d;N;ba' -e '}' "$my_cnf"
   say "restarting MariaDB"
   mariadb-admin -h "$MYSQL_HOST" -P "$MYSQL_PORT" -u root shutdown >/dev/null 2>&1 || true
   # start-stop-daemon --oknodo would take a server still shutting down for a running one.
   wait_for "MariaDB shutdown" 60 bash -c '! pgrep -x mariadbd'
-
   start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd >/dev/null 2>&1 || true
   wait_for "MariaDB after restart" 60 mysql_q 'SELECT 1'
 fi
-[ "$(mysql_q "SELECT @@binlog_format")" = ROW ] || fail "MariaDB binlog_format is not ROW"
-say "MariaDB ready (log_bin=$(mysql_q 'SELECT @@log_bin'), binlog_format=ROW)"
+say "MariaDB ready (log_bin=$(mysql_q 'SELECT @@log_bin'))"
 
 # ---------------------------------------------------------------- Kafka API (tansu)
 if [ "${SLUICE_SKIP_KAFKA:-0}" = 1 ]; then

@@ -26,8 +26,10 @@ pub const DEFAULT_TOPIC_PREFIX: &str = "sluice";
 pub const DEFAULT_GROUP: &str = "sluice";
 /// Three partitions let two or three consumers share a table's topic.
 pub const DEFAULT_PARTITIONS: i32 = 3;
-/// Rows per mailbox: with 1 KB rows, three mailboxes per sink stay around 12 MB.
-pub const DEFAULT_MAILBOX_ROWS: usize = 4096;
+/// Rows per mailbox: about one source batch of slack per hop. Measured with 1 KB rows:
+/// 4,096 gave the same catch-up and snapshot rates, and 13 MB more peak RSS in a
+/// snapshot into PostgreSQL (98 -> 85 MB).
+pub const DEFAULT_MAILBOX_ROWS: usize = 1024;
 /// Rows per batch from the source: large enough to amortise per-batch costs.
 pub const DEFAULT_BATCH_ROWS: usize = 1000;
 /// Rows per sink write at most when changes queue up. A unit is held three times over

@@ -130,6 +130,8 @@ pub async fn run<S: Sink>(
     // Items up to `ready` (the newest checkpoint received), then items after it.
     let mut unit: Vec<SinkItem> = Vec::new();
     let mut tail: Vec<SinkItem> = Vec::new();
+    // Rows in `unit` and in `tail`: an empty `unit` holds none.
+    let (mut unit_rows, mut tail_rows) = (0, 0);
     let mut ready: Option<Checkpoint> = None;
     let mut draining = *stop.borrow();
     let mut ticks = tokio::time::interval(TICK);
@@ -140,6 +142,7 @@ pub async fn run<S: Sink>(
                 Some(e) => e,
                 None => {
                     flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
+                    unit_rows = 0;
                     if draining {
                         // Stopping and idle: what a sink holds back (Parquet files, commits
                         // the database has not flushed yet) is made durable now.
@@ -172,17 +175,21 @@ pub async fn run<S: Sink>(
         faults.hit_async("writer", Some(name)).await?;
         match event {
             SinkEvent::Items(items) => {
-                match floor {
-                    Some(floor) => tail.extend(after_floor(items, floor)),
-                    None => tail.extend(items),
-                }
-                if rows(&unit) + rows(&tail) >= options.max_unit_rows {
+                let items = match floor {
+                    Some(floor) => after_floor(items, floor),
+                    None => items,
+                };
+                tail_rows += rows(&items);
+                tail.extend(items);
+                if unit_rows + tail_rows >= options.max_unit_rows {
                     if ready.is_some() {
                         flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
+                        unit_rows = 0;
                     }
-                    if rows(&tail) >= options.max_unit_rows {
+                    if tail_rows >= options.max_unit_rows {
                         // A transaction larger than a unit: write it into the open transaction.
                         sink.write(std::mem::take(&mut tail)).await?;
+                        tail_rows = 0;
                     }
                 }
             }
@@ -192,17 +199,20 @@ pub async fn run<S: Sink>(
             }
             SinkEvent::Checkpoint(cp) => {
                 unit.append(&mut tail);
+                unit_rows += std::mem::take(&mut tail_rows);
                 ready = Some(match ready.take() {
                     Some(older) => Checkpoint::merge(older, cp),
                     None => cp,
                 });
-                if rows(&unit) >= options.max_unit_rows {
+                if unit_rows >= options.max_unit_rows {
                     flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
+                    unit_rows = 0;
                 }
             }
             SinkEvent::SnapshotBegin(targets) => {
                 if ready.is_some() {
                     flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
+                    unit_rows = 0;
                 }
                 sink.snapshot_begin(&targets, &options.stream).await?;
                 floor = None;

@@ -88,6 +88,10 @@ pub struct Args {
     /// Extra librdkafka settings for --kafka-only (`--kafka-option linger.ms=20`, repeatable).
     #[arg(long, value_parser = parse_key_value)]
     pub kafka_option: Vec<(String, String)>,
+    /// Settings of the daemon's `[pipeline]` section (`--pipeline mailbox_rows=1024`,
+    /// repeatable), to compare tunings on the same workload.
+    #[arg(long, value_parser = parse_key_value)]
+    pub pipeline: Vec<(String, String)>,
     /// Sink kinds for --sinks-only.
     #[arg(long, value_delimiter = ',', default_value = "postgres,mysql,parquet")]
     pub sink_kinds: Vec<String>,

@@ -245,10 +245,11 @@ impl Bench {
             }
         };
         let sinks: String = sinks.iter().map(|k| self.sink_toml(k)).collect();
+        let pipeline: String = self.args.pipeline.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
         let toml = format!(
             "[daemon]\nhttp = \"127.0.0.1:{PORT}\"\nstate_dir = \"{}\"\n\n[source]\nkind = \"postgres\"\nurl = \"{}\"\n\
              tables = [\"public.users\", \"public.orders\"]\nslot = \"{slot}\"\npublication = \"{slot}\"\nsnapshot = \"{snapshot}\"\n\n\
-             {transport_toml}\n{sinks}",
+             [pipeline]\n{pipeline}\n{transport_toml}\n{sinks}",
             self.dir.join("state").display(),
             self.url(source),
         );
