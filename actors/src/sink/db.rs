@@ -237,16 +237,12 @@ impl<D: Database> Sink for DbSink<D> {
             let lag = (chrono::Utc::now().timestamp_micros() - self.newest_commit_micros).max(0) as f64 / 1e6;
             metrics::gauge!(m::REPLICATION_LAG_SECONDS, "sink" => self.name.clone()).set(lag);
         }
-        Ok(match durable {
-            Durable::Now => {
-                self.pending.push_back((0, checkpoint.clone(), Instant::now()));
-                self.release(u64::MAX)
-            }
-            Durable::At { lsn, flushed } => {
-                self.pending.push_back((lsn, checkpoint.clone(), Instant::now()));
-                self.release(flushed)
-            }
-        })
+        let (lsn, flushed) = match durable {
+            Durable::Now => (0, u64::MAX),
+            Durable::At { lsn, flushed } => (lsn, flushed),
+        };
+        self.pending.push_back((lsn, checkpoint.clone(), Instant::now()));
+        Ok(self.release(flushed))
     }
 
     /// Commits that waited [`FLUSH_AFTER`] for the database to flush them (or any, with

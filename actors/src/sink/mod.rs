@@ -110,8 +110,28 @@ fn after_floor(items: Vec<SinkItem>, floor: Position) -> Vec<SinkItem> {
         .collect()
 }
 
-fn rows(items: &[SinkItem]) -> usize {
-    items.iter().map(SinkItem::rows).sum()
+/// Items with their row count, kept as they are added and taken.
+#[derive(Default)]
+struct Counted {
+    items: Vec<SinkItem>,
+    rows: usize,
+}
+
+impl Counted {
+    fn extend(&mut self, items: Vec<SinkItem>) {
+        self.rows += items.iter().map(SinkItem::rows).sum::<usize>();
+        self.items.extend(items);
+    }
+
+    fn append(&mut self, other: &mut Counted) {
+        self.rows += std::mem::take(&mut other.rows);
+        self.items.append(&mut other.items);
+    }
+
+    fn take(&mut self) -> Vec<SinkItem> {
+        self.rows = 0;
+        std::mem::take(&mut self.items)
+    }
 }
 
 /// The writer actor, on a sink already [`Sink::open`]ed. `on_commit` is called with each
@@ -128,10 +148,8 @@ pub async fn run<S: Sink>(
     let name = options.sink.as_str();
     let mut floor = options.durable;
     // Items up to `ready` (the newest checkpoint received), then items after it.
-    let mut unit: Vec<SinkItem> = Vec::new();
-    let mut tail: Vec<SinkItem> = Vec::new();
-    // Rows in `unit` and in `tail`: an empty `unit` holds none.
-    let (mut unit_rows, mut tail_rows) = (0, 0);
+    let mut unit = Counted::default();
+    let mut tail = Counted::default();
     let mut ready: Option<Checkpoint> = None;
     let mut draining = *stop.borrow();
     let mut ticks = tokio::time::interval(TICK);
@@ -142,7 +160,6 @@ pub async fn run<S: Sink>(
                 Some(e) => e,
                 None => {
                     flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
-                    unit_rows = 0;
                     if draining {
                         // Stopping and idle: what a sink holds back (Parquet files, commits
                         // the database has not flushed yet) is made durable now.
@@ -175,21 +192,17 @@ pub async fn run<S: Sink>(
         faults.hit_async("writer", Some(name)).await?;
         match event {
             SinkEvent::Items(items) => {
-                let items = match floor {
-                    Some(floor) => after_floor(items, floor),
-                    None => items,
-                };
-                tail_rows += rows(&items);
-                tail.extend(items);
-                if unit_rows + tail_rows >= options.max_unit_rows {
+                match floor {
+                    Some(floor) => tail.extend(after_floor(items, floor)),
+                    None => tail.extend(items),
+                }
+                if unit.rows + tail.rows >= options.max_unit_rows {
                     if ready.is_some() {
                         flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
-                        unit_rows = 0;
                     }
-                    if tail_rows >= options.max_unit_rows {
+                    if tail.rows >= options.max_unit_rows {
                         // A transaction larger than a unit: write it into the open transaction.
-                        sink.write(std::mem::take(&mut tail)).await?;
-                        tail_rows = 0;
+                        sink.write(tail.take()).await?;
                     }
                 }
             }
@@ -199,20 +212,17 @@ pub async fn run<S: Sink>(
             }
             SinkEvent::Checkpoint(cp) => {
                 unit.append(&mut tail);
-                unit_rows += std::mem::take(&mut tail_rows);
                 ready = Some(match ready.take() {
                     Some(older) => Checkpoint::merge(older, cp),
                     None => cp,
                 });
-                if unit_rows >= options.max_unit_rows {
+                if unit.rows >= options.max_unit_rows {
                     flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
-                    unit_rows = 0;
                 }
             }
             SinkEvent::SnapshotBegin(targets) => {
                 if ready.is_some() {
                     flush(&mut sink, &options, &mut unit, &mut ready, &on_commit, &faults).await?;
-                    unit_rows = 0;
                 }
                 sink.snapshot_begin(&targets, &options.stream).await?;
                 floor = None;
@@ -224,14 +234,14 @@ pub async fn run<S: Sink>(
 async fn flush<S: Sink>(
     sink: &mut S,
     options: &WriterOptions,
-    unit: &mut Vec<SinkItem>,
+    unit: &mut Counted,
     ready: &mut Option<Checkpoint>,
     on_commit: &(impl Fn(Checkpoint) + Send),
     faults: &Faults,
 ) -> Result<()> {
     let Some(cp) = ready.take() else { return Ok(()) };
-    if !unit.is_empty() {
-        sink.write(std::mem::take(unit)).await?;
+    if !unit.items.is_empty() {
+        sink.write(unit.take()).await?;
     }
     // Fault injection point: written but not committed.
     faults.hit_async("commit", Some(&options.sink)).await?;
