@@ -6,6 +6,17 @@
 //! error (and the row a dead letter), never silently truncated. A target schema `public` is
 //! the connection's database; any other schema names a database. Statements are cut into
 //! chunks of at most [`MAX_ROWS_PER_STATEMENT`] rows to stay under `max_allowed_packet`.
+//!
+//! InnoDB reads a page it lacks synchronously, in the thread of the statement that needs
+//! it: a unit updating rows spread over a table larger than the buffer pool waits on one
+//! disk read at a time. A [`Prefetcher`] reads the keys of a part's updates and deletes on
+//! [`PREFETCH_CONNECTIONS`] helper connections while the sink's own connection applies it,
+//! so the disk serves several reads at once and the apply finds most pages in the pool (the
+//! technique of MySQL replication prefetchers). The helpers only read, uncommitted, outside
+//! the sink's transaction: they take no locks and change nothing; a helper that falls
+//! behind or fails is skipped, never waited for. They read only while the server's pool
+//! misses pages (`Innodb_buffer_pool_reads`, checked every [`PREFETCH_CHECK`]): when the
+//! tables fit in the pool their reads would only take CPU from the apply.
 
 use std::sync::Arc;
 
@@ -17,7 +28,7 @@ use mysql_async::{Conn, Opts, Row as MyRow};
 use crate::error::{Context, Error, Result};
 use crate::mapper::DeadLetter;
 use crate::mapper::plan::{DEFAULT_TARGET_SCHEMA, TargetTable};
-use crate::message::{Position, StreamOffset};
+use crate::message::{Op, Position, StreamOffset};
 use crate::schema::{PG_TYPE_METADATA, PgType};
 use crate::sink::db::{Database, Durable, PartOp};
 use crate::sink::encode::{Unrepresentable, write_mysql_literal};
@@ -25,6 +36,17 @@ use crate::sink::reduce::Part;
 
 /// Rows per generated statement.
 pub const MAX_ROWS_PER_STATEMENT: usize = 1000;
+/// Helper connections reading ahead of the apply (see the module documentation).
+pub const PREFETCH_CONNECTIONS: usize = 2;
+/// Keys per prefetching statement.
+const PREFETCH_KEYS: usize = 100;
+/// Statements queued per helper before further ones are dropped.
+const PREFETCH_QUEUE: usize = 32;
+/// How often the server's buffer pool misses are read to switch prefetching on or off.
+const PREFETCH_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+/// Pages read from disk per second (`Innodb_buffer_pool_reads`) above which the helpers read
+/// ahead: below it the tables fit in the pool, and their reads would only cost CPU.
+const PREFETCH_MIN_READS_PER_S: u64 = 100;
 
 const SETUP_SQL: &str = "\
 CREATE TABLE IF NOT EXISTS sluice_offsets (
@@ -197,12 +219,18 @@ pub fn update_sql(
     )))
 }
 
-/// `DELETE ... WHERE key IN (...)` for rows `range` of `part`.
-pub fn delete_sql(target: &TargetTable, part: &Part, range: std::ops::Range<usize>) -> Result<String, Unrepresentable> {
-    let keys = key_columns(target);
+/// `<head> WHERE (key) IN ((...), ...)` for `rows` of `part`.
+fn where_keys_in(
+    mut sql: String,
+    target: &TargetTable,
+    part: &Part,
+    rows: impl IntoIterator<Item = usize>,
+) -> Result<String, Unrepresentable> {
     let arrays: Vec<&ArrayRef> = target.key.iter().map(|&k| part.rows.column(k)).collect();
-    let mut sql = format!("DELETE FROM {} WHERE ({}) IN (", table_name(target), keys.join(", "));
-    for (n, r) in range.enumerate() {
+    sql.push_str(" WHERE (");
+    sql.push_str(&key_columns(target).join(", "));
+    sql.push_str(") IN (");
+    for (n, r) in rows.into_iter().enumerate() {
         if n > 0 {
             sql.push(',');
         }
@@ -212,10 +240,103 @@ pub fn delete_sql(target: &TargetTable, part: &Part, range: std::ops::Range<usiz
     Ok(sql)
 }
 
+/// `DELETE ... WHERE key IN (...)` for rows `range` of `part`.
+pub fn delete_sql(target: &TargetTable, part: &Part, range: std::ops::Range<usize>) -> Result<String, Unrepresentable> {
+    where_keys_in(format!("DELETE FROM {}", table_name(target)), target, part, range)
+}
+
+/// A read of the rows `rows` of `part` by key, which brings their pages into the pool.
+pub fn prefetch_sql(target: &TargetTable, part: &Part, rows: &[usize]) -> Result<String, Unrepresentable> {
+    where_keys_in(format!("SELECT 1 FROM {}", table_name(target)), target, part, rows.iter().copied())
+}
+
+/// Helper connections that read the keys a part is about to change (module documentation).
+struct Prefetcher {
+    queues: Vec<tokio::sync::mpsc::Sender<String>>,
+    next: usize,
+    /// Whether the pool missed pages lately (see [`PREFETCH_MIN_READS_PER_S`]).
+    active: bool,
+    /// When `Innodb_buffer_pool_reads` was last read, and its value then.
+    checked: Option<(std::time::Instant, u64)>,
+}
+
+impl Prefetcher {
+    /// Opens up to `n` helpers; one that cannot connect is left out (prefetching is advisory).
+    async fn start(opts: &Opts, n: usize, describe: &str) -> Self {
+        let mut queues = Vec::with_capacity(n);
+        for _ in 0..n {
+            let helper = async {
+                let mut conn = Conn::new(opts.clone()).await?;
+                conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL READ UNCOMMITTED").await?;
+                Ok::<_, mysql_async::Error>(conn)
+            };
+            let conn = match helper.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::debug!(sink = %describe, error = %e, "prefetch helper left out");
+                    continue;
+                }
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(PREFETCH_QUEUE);
+            let describe = describe.to_string();
+            tokio::spawn(async move {
+                let mut conn = conn;
+                while let Some(sql) = rx.recv().await {
+                    match conn.query_drop(sql).await {
+                        // A statement the server refused (a table dropped meanwhile): the
+                        // connection is still good.
+                        Ok(()) | Err(mysql_async::Error::Server(_)) => {}
+                        Err(e) => {
+                            tracing::debug!(sink = %describe, error = %e, "prefetch helper stops");
+                            break;
+                        }
+                    }
+                }
+                let _ = conn.disconnect().await;
+            });
+            queues.push(tx);
+        }
+        Self { queues, next: 0, active: false, checked: None }
+    }
+
+    /// Queues reads of the keys of the rows of `part` that `wanted` selects, spread over
+    /// the helpers in order; what finds a full queue is dropped.
+    fn read_ahead(&mut self, target: &TargetTable, part: &Part, wanted: impl Fn(usize) -> bool) {
+        if self.queues.is_empty() || !self.active {
+            return;
+        }
+        let rows: Vec<usize> = (0..part.len()).filter(|&r| wanted(r)).collect();
+        for chunk in rows.chunks(PREFETCH_KEYS) {
+            let Ok(sql) = prefetch_sql(target, part, chunk) else { continue };
+            let queue = &self.queues[self.next % self.queues.len()];
+            self.next = self.next.wrapping_add(1);
+            let _ = queue.try_send(sql);
+        }
+    }
+
+    /// Switches read-ahead on while the buffer pool misses pages, every [`PREFETCH_CHECK`],
+    /// from the server's count of pages read from disk (`reads`, read by the caller when
+    /// [`Prefetcher::due`]). The helpers' own reads count too: while they find pages on
+    /// disk, the apply would have.
+    fn observe(&mut self, reads: u64) {
+        let now = std::time::Instant::now();
+        if let Some((at, before)) = self.checked {
+            let per_s = reads.saturating_sub(before) as f64 / now.duration_since(at).as_secs_f64().max(0.001);
+            self.active = per_s >= PREFETCH_MIN_READS_PER_S as f64;
+        }
+        self.checked = Some((now, reads));
+    }
+
+    fn due(&self) -> bool {
+        !self.queues.is_empty() && self.checked.is_none_or(|(at, _)| at.elapsed() >= PREFETCH_CHECK)
+    }
+}
+
 /// The MySQL/MariaDB sink's database.
 pub struct MySqlDatabase {
     opts: Opts,
     conn: Option<Conn>,
+    prefetcher: Option<Prefetcher>,
     describe: String,
 }
 
@@ -223,7 +344,7 @@ impl MySqlDatabase {
     pub fn new(url: &str, describe: impl Into<String>) -> Result<Self> {
         let describe = describe.into();
         let opts = Opts::from_url(url).map_err(|e| Error::Fatal(format!("sink {describe}: bad MySQL URL: {e}")))?;
-        Ok(Self { opts, conn: None, describe })
+        Ok(Self { opts, conn: None, prefetcher: None, describe })
     }
 
     fn conn(&mut self) -> Result<&mut Conn> {
@@ -242,6 +363,7 @@ impl MySqlDatabase {
 
 impl Database for MySqlDatabase {
     async fn connect(&mut self) -> Result<()> {
+        self.prefetcher = None;
         if let Some(old) = self.conn.take() {
             drop(old);
         }
@@ -249,6 +371,7 @@ impl Database for MySqlDatabase {
         conn.query_drop(SESSION_SQL).await.context(format!("{}: configure session", self.describe))?;
         conn.query_drop(SETUP_SQL).await.context(format!("{}: create sluice tables", self.describe))?;
         self.conn = Some(conn);
+        self.prefetcher = Some(Prefetcher::start(&self.opts, PREFETCH_CONNECTIONS, &self.describe).await);
         Ok(())
     }
 
@@ -325,6 +448,20 @@ impl Database for MySqlDatabase {
 
     async fn apply(&mut self, target: &TargetTable, op: PartOp<'_>, part: &Part) -> Result<()> {
         let n = part.len();
+        if self.prefetcher.as_ref().is_some_and(Prefetcher::due) {
+            let reads: Option<(String, u64)> = self
+                .conn()?
+                .query_first("SHOW GLOBAL STATUS LIKE 'Innodb_buffer_pool_reads'")
+                .await
+                .context(format!("{}: read buffer pool misses", self.describe))?;
+            if let (Some(p), Some((_, reads))) = (self.prefetcher.as_mut(), reads) {
+                p.observe(reads);
+            }
+        }
+        if let Some(prefetcher) = self.prefetcher.as_mut() {
+            // Inserts and snapshot rows go to keys the table does not hold yet.
+            prefetcher.read_ahead(target, part, |r| !matches!(part.meta[r].op, Op::Insert | Op::Read));
+        }
         let mut start = 0;
         while start < n {
             let range = start..(start + MAX_ROWS_PER_STATEMENT).min(n);
@@ -466,7 +603,6 @@ impl Database for MySqlDatabase {
 mod tests {
     use super::*;
     use crate::mapper::RowMeta;
-    use crate::message::Op;
     use crate::schema::TableId;
     use arrow::array::{Int64Array, RecordBatch, StringArray};
     use arrow::datatypes::Schema;
@@ -501,6 +637,20 @@ mod tests {
         Part { rows, meta: vec![meta; 2] }
     }
 
+    #[tokio::test]
+    async fn prefetching_follows_the_pool_misses() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let mut p = Prefetcher { queues: vec![tx], next: 0, active: false, checked: None };
+        assert!(p.due());
+        p.observe(1_000);
+        assert!(!p.active, "no rate without a first reading");
+        assert!(!p.due());
+        p.observe(1_000_000);
+        assert!(p.active, "pages read from disk: read ahead");
+        p.observe(1_000_000);
+        assert!(!p.active, "no misses: the tables fit in the pool");
+    }
+
     #[test]
     fn ddl_maps_types() {
         assert_eq!(
@@ -522,6 +672,7 @@ mod tests {
              ON DUPLICATE KEY UPDATE `name` = VALUES(`name`), `attrs` = VALUES(`attrs`)"
         );
         assert_eq!(delete_sql(&t, &p, 0..2).unwrap(), "DELETE FROM `users` WHERE (`id`) IN ((1),(2))");
+        assert_eq!(prefetch_sql(&t, &p, &[1]).unwrap(), "SELECT 1 FROM `users` WHERE (`id`) IN ((2))");
         assert_eq!(
             update_sql(&t, &p, 0..2, &[false, false, true]).unwrap().unwrap(),
             "UPDATE `users` t JOIN (SELECT 1 AS `id`, 'o''hara' AS `name` UNION ALL SELECT 2, NULL) s ON t.`id` = s.`id` SET t.`name` = s.`name`"

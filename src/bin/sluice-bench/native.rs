@@ -8,7 +8,9 @@ use anyhow::Context as _;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::scenario::{Bench, CATCHUP_USERS, count, insert_marker, measure_latency, percentile, pg, workload};
+use crate::scenario::{
+    Bench, CATCHUP_USERS, count, has_user, insert_marker, measure_latency, percentile, pg, workload,
+};
 use crate::wait_for;
 
 #[derive(Debug, Default, Serialize)]
@@ -146,7 +148,7 @@ async fn catchup_and_latency(bench: &Bench, figures: &mut NativeFigures) -> anyh
         let started = Instant::now();
         subscriber.batch_execute("ALTER SUBSCRIPTION bench_native ENABLE").await?;
         wait_for("the native catch-up", LIMIT, Duration::from_millis(50), || async {
-            Ok(subscriber.query_opt("SELECT 1 FROM users WHERE email = $1", &[&marker]).await?.is_some())
+            has_user(&subscriber, marker).await
         })
         .await?;
         let rate = summary.changes as f64 / started.elapsed().as_secs_f64();
