@@ -449,13 +449,16 @@ impl Database for MySqlDatabase {
     async fn apply(&mut self, target: &TargetTable, op: PartOp<'_>, part: &Part) -> Result<()> {
         let n = part.len();
         if self.prefetcher.as_ref().is_some_and(Prefetcher::due) {
-            let reads: Option<(String, u64)> = self
-                .conn()?
-                .query_first("SHOW GLOBAL STATUS LIKE 'Innodb_buffer_pool_reads'")
-                .await
-                .context(format!("{}: read buffer pool misses", self.describe))?;
-            if let (Some(p), Some((_, reads))) = (self.prefetcher.as_mut(), reads) {
-                p.observe(reads);
+            let reads: mysql_async::Result<Option<(String, u64)>> =
+                self.conn()?.query_first("SHOW GLOBAL STATUS LIKE 'Innodb_buffer_pool_reads'").await;
+            match reads {
+                Ok(Some((_, reads))) => self.prefetcher.iter_mut().for_each(|p| p.observe(reads)),
+                // Read-ahead is advisory: a server that does not tell goes without it.
+                Ok(None) | Err(mysql_async::Error::Server(_)) => {
+                    tracing::info!(sink = %self.describe, "buffer pool misses unreadable: no read-ahead");
+                    self.prefetcher = None;
+                }
+                Err(e) => return Err(e).context(format!("{}: read buffer pool misses", self.describe)),
             }
         }
         if let Some(prefetcher) = self.prefetcher.as_mut() {
