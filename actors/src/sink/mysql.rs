@@ -261,8 +261,9 @@ struct Prefetcher {
 }
 
 impl Prefetcher {
-    /// Opens up to `n` helpers; one that cannot connect is left out (prefetching is advisory).
-    async fn start(opts: &Opts, n: usize, describe: &str) -> Self {
+    /// Opens up to `n` helpers; one that cannot connect is left out (prefetching is
+    /// advisory), and with none there is no prefetcher.
+    async fn start(opts: &Opts, n: usize, describe: &str) -> Option<Self> {
         let mut queues = Vec::with_capacity(n);
         for _ in 0..n {
             let helper = async {
@@ -296,13 +297,13 @@ impl Prefetcher {
             });
             queues.push(tx);
         }
-        Self { queues, next: 0, active: false, checked: None }
+        (!queues.is_empty()).then_some(Self { queues, next: 0, active: false, checked: None })
     }
 
     /// Queues reads of the keys of the rows of `part` that `wanted` selects, spread over
     /// the helpers in order; what finds a full queue is dropped.
     fn read_ahead(&mut self, target: &TargetTable, part: &Part, wanted: impl Fn(usize) -> bool) {
-        if self.queues.is_empty() || !self.active {
+        if !self.active {
             return;
         }
         let rows: Vec<usize> = (0..part.len()).filter(|&r| wanted(r)).collect();
@@ -328,7 +329,7 @@ impl Prefetcher {
     }
 
     fn due(&self) -> bool {
-        !self.queues.is_empty() && self.checked.is_none_or(|(at, _)| at.elapsed() >= PREFETCH_CHECK)
+        self.checked.is_none_or(|(at, _)| at.elapsed() >= PREFETCH_CHECK)
     }
 }
 
@@ -371,7 +372,7 @@ impl Database for MySqlDatabase {
         conn.query_drop(SESSION_SQL).await.context(format!("{}: configure session", self.describe))?;
         conn.query_drop(SETUP_SQL).await.context(format!("{}: create sluice tables", self.describe))?;
         self.conn = Some(conn);
-        self.prefetcher = Some(Prefetcher::start(&self.opts, PREFETCH_CONNECTIONS, &self.describe).await);
+        self.prefetcher = Prefetcher::start(&self.opts, PREFETCH_CONNECTIONS, &self.describe).await;
         Ok(())
     }
 
@@ -452,7 +453,11 @@ impl Database for MySqlDatabase {
             let reads: mysql_async::Result<Option<(String, u64)>> =
                 self.conn()?.query_first("SHOW GLOBAL STATUS LIKE 'Innodb_buffer_pool_reads'").await;
             match reads {
-                Ok(Some((_, reads))) => self.prefetcher.iter_mut().for_each(|p| p.observe(reads)),
+                Ok(Some((_, reads))) => {
+                    if let Some(p) = self.prefetcher.as_mut() {
+                        p.observe(reads);
+                    }
+                }
                 // Read-ahead is advisory: a server that does not tell goes without it.
                 Ok(None) | Err(mysql_async::Error::Server(_)) => {
                     tracing::info!(sink = %self.describe, "buffer pool misses unreadable: no read-ahead");
