@@ -215,26 +215,50 @@ pub fn write_copy_cell(out: &mut Vec<u8>, array: &ArrayRef, row: usize) {
         out.extend_from_slice(b"\\N");
         return;
     }
+    // The commonest types are written without a `String` in between.
+    match array.data_type() {
+        DataType::Utf8 => return write_copy_escaped(out, array.as_string::<i32>().value(row).as_bytes()),
+        DataType::Int64 => return write_integer(out, array.as_primitive::<Int64Type>().value(row)),
+        DataType::Int32 => return write_integer(out, array.as_primitive::<Int32Type>().value(row)),
+        _ => {}
+    }
     match cell_text(array, row, Dialect::PgCopy) {
         None => out.extend_from_slice(b"\\N"),
-        Some(text) => {
-            for &b in text.as_bytes() {
-                match b {
-                    b'\\' => out.extend_from_slice(b"\\\\"),
-                    b'\t' => out.extend_from_slice(b"\\t"),
-                    b'\n' => out.extend_from_slice(b"\\n"),
-                    b'\r' => out.extend_from_slice(b"\\r"),
-                    _ => out.push(b),
-                }
-            }
-        }
+        Some(text) => write_copy_escaped(out, text.as_bytes()),
     }
 }
 
-/// The rows of `columns` (all rows) as COPY text.
-pub fn copy_text(columns: &[&ArrayRef], rows: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(rows * columns.len() * 12);
-    for r in 0..rows {
+fn write_integer(out: &mut Vec<u8>, v: impl std::fmt::Display) {
+    use std::io::Write as _;
+    let _ = write!(out, "{v}");
+}
+
+/// Appends `text` with COPY's backslash escapes; runs without special bytes are copied
+/// at once.
+fn write_copy_escaped(out: &mut Vec<u8>, text: &[u8]) {
+    let mut from = 0;
+    for (i, &b) in text.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        out.extend_from_slice(&text[from..i]);
+        out.extend_from_slice(escape);
+        from = i + 1;
+    }
+    out.extend_from_slice(&text[from..]);
+}
+
+/// The rows of `columns` from `start` on as COPY text, whole rows only, stopping after the
+/// row that brings the text to `budget` bytes; returns the text and the next row to write.
+pub fn copy_text(columns: &[&ArrayRef], start: usize, budget: usize) -> (Vec<u8>, usize) {
+    let rows = columns.first().map_or(0, |a| a.len());
+    let mut out = Vec::with_capacity(budget.min((rows - start.min(rows)) * columns.len() * 12) + 64);
+    let mut r = start;
+    while r < rows && out.len() < budget {
         for (i, a) in columns.iter().enumerate() {
             if i > 0 {
                 out.push(b'\t');
@@ -242,8 +266,9 @@ pub fn copy_text(columns: &[&ArrayRef], rows: usize) -> Vec<u8> {
             write_copy_cell(&mut out, a, r);
         }
         out.push(b'\n');
+        r += 1;
     }
-    out
+    (out, r)
 }
 
 /// A value MySQL cannot hold (NaN, infinity, a date outside the years 1000-9999).
@@ -331,11 +356,18 @@ mod tests {
         let bin: ArrayRef = Arc::new(BinaryArray::from(vec![Some(&[0u8, 255][..]), Some(&[][..])]));
         let dec: ArrayRef =
             Arc::new(Decimal128Array::from(vec![Some(1234), None]).with_precision_and_scale(10, 2).unwrap());
-        let out = copy_text(&[&text, &ts, &bin, &dec], 2);
+        let (out, next) = copy_text(&[&text, &ts, &bin, &dec], 0, usize::MAX);
+        assert_eq!(next, 2);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "a\\tb\\\\c\\nd\t1970-01-01 00:00:01.500000+00\t\\\\x00ff\t12.34\n\\N\tinfinity\t\\\\x\t\\N\n"
         );
+        // A budget ends the text after the row that reaches it, and the rest follows.
+        let (first, next) = copy_text(&[&text, &ts, &bin, &dec], 0, 1);
+        assert_eq!(next, 1);
+        let (second, next) = copy_text(&[&text, &ts, &bin, &dec], next, 1);
+        assert_eq!((next, [first, second].concat()), (2, copy_text(&[&text, &ts, &bin, &dec], 0, usize::MAX).0));
+        assert_eq!(copy_text(&[&text], 2, 1), (Vec::new(), 2));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod db;
 pub mod encode;
 pub mod mysql;
 pub mod parquet;
+pub mod pgbinary;
 pub mod postgres;
 pub mod reduce;
 

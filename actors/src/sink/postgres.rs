@@ -31,6 +31,7 @@ use crate::message::{Op, Position, StreamOffset};
 use crate::schema::{PG_TYPE_METADATA, PgType, TableId, quote_ident, quote_literal};
 use crate::sink::db::{Database, Durable, PartOp};
 use crate::sink::encode;
+use crate::sink::pgbinary::{self, Cell};
 use crate::sink::reduce::Part;
 use crate::source::catalog;
 
@@ -140,6 +141,8 @@ fn key_match(target: &TargetTable, left: &str, right: &str) -> String {
 
 /// The staging tables' extra column: the number of the part a row belongs to.
 const STAGE_PART: &str = "sluice_stage_part";
+/// The COPY text sent at a time (whole rows; a row longer than this goes alone).
+const COPY_CHUNK_BYTES: usize = 64 * 1024;
 /// Rows staged in one transaction before the stages are emptied at once.
 const STAGE_MAX_ROWS: usize = 20_000;
 
@@ -221,6 +224,8 @@ pub struct PgDatabase {
     config: tokio_postgres::Config,
     client: Option<Client>,
     stages: HashMap<TableId, String>,
+    /// Per target, each column's binary COPY form (by its declared type), if it has one.
+    cells: HashMap<TableId, Vec<Option<Cell>>>,
     /// Targets whose new rows met existing keys: upserted, not copied.
     upsert_only: HashSet<TableId>,
     /// The number of the last part staged on this connection.
@@ -236,6 +241,7 @@ impl PgDatabase {
             config,
             client: None,
             stages: HashMap::new(),
+            cells: HashMap::new(),
             upsert_only: HashSet::new(),
             part: 0,
             staged: 0,
@@ -263,16 +269,37 @@ impl PgDatabase {
     ) -> Result<()> {
         let mut names: Vec<String> = columns.iter().map(|&i| quote_ident(target.schema.field(i).name())).collect();
         let mut arrays: Vec<arrow::array::ArrayRef> = columns.iter().map(|&i| part.rows.column(i).clone()).collect();
+        let declared = self.cells.get(&target.name);
+        let mut cells: Option<Vec<Cell>> =
+            columns.iter().map(|&i| declared.and_then(|d| d.get(i).copied().flatten())).collect();
         if let Some(n) = stage_part {
             names.push(STAGE_PART.into());
             arrays.push(Arc::new(arrow::array::Int64Array::from_value(n, part.rows.num_rows())));
+            if let Some(cells) = cells.as_mut() {
+                cells.push(Cell::Int8);
+            }
         }
-        let data = encode::copy_text(&arrays.iter().collect::<Vec<_>>(), part.rows.num_rows());
-        let copy = format!("COPY {table} ({}) FROM STDIN", names.join(", "));
+        let columns: Vec<&arrow::array::ArrayRef> = arrays.iter().collect();
+        let cells = cells.filter(|cells| pgbinary::encodable(&columns, cells));
+        let format = if cells.is_some() { " WITH (FORMAT binary)" } else { "" };
+        let copy = format!("COPY {table} ({}) FROM STDIN{format}", names.join(", "));
         let context = || format!("{}: copy into {}", self.describe, target.name);
         let sink = self.client()?.copy_in::<_, Bytes>(copy.as_str()).await.context(context())?;
         futures::pin_mut!(sink);
-        sink.send(Bytes::from(data)).await.context(context())?;
+        // Sent in pieces as they are encoded: the server parses and inserts one while the
+        // next is encoded, instead of waiting for the whole part.
+        let mut next = 0;
+        loop {
+            let (data, after) = match &cells {
+                Some(cells) => pgbinary::copy_binary(&columns, cells, next, COPY_CHUNK_BYTES),
+                None => encode::copy_text(&columns, next, COPY_CHUNK_BYTES),
+            };
+            sink.send(Bytes::from(data)).await.context(context())?;
+            next = after;
+            if next >= part.rows.num_rows() {
+                break;
+            }
+        }
         sink.finish().await.context(context())?;
         Ok(())
     }
@@ -351,6 +378,7 @@ impl Database for PgDatabase {
     async fn connect(&mut self) -> Result<()> {
         self.client = None;
         self.stages.clear();
+        self.cells.clear();
         self.upsert_only.clear();
         let client = catalog::connect(&self.config, &self.describe).await?;
         client.batch_execute(SETUP_SQL).await.context(format!("{}: create sluice tables", self.describe))?;
@@ -408,6 +436,17 @@ impl Database for PgDatabase {
             )
             .await
             .context(format!("{}: describe {}", self.describe, target.name))?;
+        let declared: HashMap<String, String> = existing.iter().map(|r| (r.get(0), r.get(1))).collect();
+        // Each column's type as it is declared (as created or added below when missing).
+        let cells = target
+            .schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let pg_type = declared.get(f.name()).cloned().unwrap_or_else(|| column_type(f));
+                Cell::for_column(&pg_type, f.data_type())
+            })
+            .collect();
         if existing.is_empty() {
             client
                 .batch_execute(&create_table_sql(target))
@@ -415,10 +454,9 @@ impl Database for PgDatabase {
                 .context(format!("{}: create table {}", self.describe, target.name))?;
             tracing::info!(sink = %self.describe, table = %target.name, "created target table");
         } else {
-            let existing: HashMap<String, String> = existing.iter().map(|r| (r.get(0), r.get(1))).collect();
             for (i, f) in target.schema.fields().iter().enumerate() {
                 let wanted = column_type(f);
-                match existing.get(f.name()) {
+                match declared.get(f.name()) {
                     Some(have) if !compatible(have, &wanted) => {
                         return Err(Error::Fatal(format!(
                             "sink {}: column {}.{} is {have}, which cannot hold the {wanted} values the mapping produces",
@@ -480,6 +518,7 @@ impl Database for PgDatabase {
             .await
             .context(format!("{}: create staging table for {}", self.describe, target.name))?;
         self.stages.insert(target.name.clone(), stage);
+        self.cells.insert(target.name.clone(), cells);
         Ok(())
     }
 
