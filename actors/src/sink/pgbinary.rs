@@ -19,6 +19,8 @@ use arrow::datatypes::{
     TimestampMicrosecondType,
 };
 
+use crate::schema::PgType;
+
 /// The file header: signature, flags, header extension length.
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 /// The file trailer: a tuple with -1 fields.
@@ -55,28 +57,27 @@ impl Cell {
     /// The binary form for a column declared `pg_type` (as `format_type` prints it, or as
     /// sluice creates it) that receives `arrow` values; `None` when text must carry it.
     pub fn for_column(pg_type: &str, arrow: &DataType) -> Option<Cell> {
-        let base = pg_type.split('(').next().unwrap_or(pg_type).trim();
-        let cell = match (base, arrow) {
-            ("boolean", DataType::Boolean) => Cell::Bool,
-            ("smallint", DataType::Int16) => Cell::Int2,
-            ("integer", DataType::Int16 | DataType::Int32) => Cell::Int4,
-            ("bigint", DataType::Int16 | DataType::Int32 | DataType::Int64) => Cell::Int8,
-            ("real", DataType::Float32) => Cell::Float4,
-            ("double precision", DataType::Float32 | DataType::Float64) => Cell::Float8,
+        let cell = match (PgType::from_type_name(pg_type), arrow) {
+            (PgType::Bool, DataType::Boolean) => Cell::Bool,
+            (PgType::Int2, DataType::Int16) => Cell::Int2,
+            (PgType::Int4, DataType::Int16 | DataType::Int32) => Cell::Int4,
+            (PgType::Int8, DataType::Int16 | DataType::Int32 | DataType::Int64) => Cell::Int8,
+            (PgType::Float4, DataType::Float32) => Cell::Float4,
+            (PgType::Float8, DataType::Float32 | DataType::Float64) => Cell::Float8,
             // Up to 35 digits, so the value scaled to whole base-10000 digits fits a u128.
-            ("numeric", DataType::Decimal128(p, s)) if *s >= 0 && *p <= 35 => Cell::Numeric,
-            ("text" | "character varying" | "varchar", DataType::Utf8) => Cell::Text,
-            ("json", DataType::Utf8) => Cell::Json,
-            ("jsonb", DataType::Utf8) => Cell::Jsonb,
-            ("bytea", DataType::Binary) => Cell::Bytea,
-            ("date", DataType::Date32) => Cell::Date,
-            ("timestamp" | "timestamp without time zone", DataType::Timestamp(TimeUnit::Microsecond, None)) => {
-                Cell::Timestamp
+            (PgType::Numeric(_), DataType::Decimal128(p, s)) if *s >= 0 && *p <= 35 => Cell::Numeric,
+            (PgType::Text(name), DataType::Utf8)
+                if ["text", "character varying", "varchar"].contains(&name.split('(').next().unwrap_or("").trim()) =>
+            {
+                Cell::Text
             }
-            ("timestamptz" | "timestamp with time zone", DataType::Timestamp(TimeUnit::Microsecond, Some(_))) => {
-                Cell::Timestamp
-            }
-            ("uuid", DataType::Utf8) => Cell::Uuid,
+            (PgType::Json, DataType::Utf8) => Cell::Json,
+            (PgType::Jsonb, DataType::Utf8) => Cell::Jsonb,
+            (PgType::Bytea, DataType::Binary) => Cell::Bytea,
+            (PgType::Date, DataType::Date32) => Cell::Date,
+            (PgType::Timestamp, DataType::Timestamp(TimeUnit::Microsecond, None)) => Cell::Timestamp,
+            (PgType::TimestampTz, DataType::Timestamp(TimeUnit::Microsecond, Some(_))) => Cell::Timestamp,
+            (PgType::Uuid, DataType::Utf8) => Cell::Uuid,
             _ => return None,
         };
         Some(cell)
