@@ -105,7 +105,7 @@ impl Bed {
 }
 
 /// The columns of `types` whose types the PostgreSQL sink writes in binary.
-const SCALARS: &str = "SELECT id, i2, i4, i8, n, f4, f8, b, t, vc, d, ts, tz, u, j, jb, by FROM types";
+const SCALARS: &str = "SELECT id, i2, i4, i8, n, f4, f8, b, t, vc, d, ts, tz, u, j, jb, by, ai, at FROM types";
 
 #[tokio::test]
 async fn every_type_reaches_each_sink_through_snapshot_and_stream() {
@@ -127,7 +127,7 @@ async fn every_type_reaches_each_sink_through_snapshot_and_stream() {
     source.exec("DELETE FROM types").await;
     source.exec(TYPES_ROWS).await;
     source.exec("UPDATE types SET t = 'changed', ai = '{9}', tz = now() WHERE id = 1; DELETE FROM types WHERE id = 3; INSERT INTO types (id) VALUES (4);").await;
-    source.exec(&format!("DELETE FROM scalars; INSERT INTO scalars {SCALARS}; UPDATE scalars SET n = -n, u = gen_random_uuid(), d = d + 1 WHERE id = 1")).await;
+    source.exec(&format!("DELETE FROM scalars; INSERT INTO scalars {SCALARS}; UPDATE scalars SET n = -n, u = gen_random_uuid(), d = d + 1, ai = '{{5,NULL}}', at = '{{}}' WHERE id = 1")).await;
     let report = validate_until_equal(&config, Some("pg"), T).await;
     assert_eq!(report.differences, 0, "{:#?}", report.lines);
     // MariaDB holds every value of rows 1 and 4; row 2's NaN and infinities it cannot:

@@ -19,7 +19,7 @@ use arrow::datatypes::{
     TimestampMicrosecondType,
 };
 
-use crate::schema::PgType;
+use crate::schema::{PgType, oid};
 
 /// The file header: signature, flags, header extension length.
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -51,6 +51,8 @@ pub enum Cell {
     Timestamp,
     /// From its text form (what the decoder produces for `uuid`).
     Uuid,
+    /// A one-dimensional array of `text`, `integer` or `bigint` (the element type's OID).
+    Array(u32),
 }
 
 impl Cell {
@@ -78,6 +80,12 @@ impl Cell {
             (PgType::Timestamp, DataType::Timestamp(TimeUnit::Microsecond, None)) => Cell::Timestamp,
             (PgType::TimestampTz, DataType::Timestamp(TimeUnit::Microsecond, Some(_))) => Cell::Timestamp,
             (PgType::Uuid, DataType::Utf8) => Cell::Uuid,
+            (PgType::Array(element), DataType::List(item)) => match (*element, item.data_type()) {
+                (PgType::Text(name), DataType::Utf8) if name == "text" => Cell::Array(oid::TEXT),
+                (PgType::Int4, DataType::Int32) => Cell::Array(oid::INT4),
+                (PgType::Int8, DataType::Int64) => Cell::Array(oid::INT8),
+                _ => return None,
+            },
             _ => return None,
         };
         Some(cell)
@@ -180,7 +188,34 @@ fn write_cell(out: &mut Vec<u8>, array: &ArrayRef, cell: Cell, row: usize) {
             let uuid = parse_uuid(array.as_string::<i32>().value(row)).unwrap_or_default();
             field(out, &uuid.to_be_bytes())
         }
+        Cell::Array(element) => write_array(out, &array.as_list::<i32>().value(row), element),
     }
+}
+
+/// An array's send format: dimensions, a has-nulls flag, the element type, then each
+/// dimension's length and lower bound (1), then the elements as fields. An empty array has
+/// no dimensions.
+fn write_array(out: &mut Vec<u8>, values: &ArrayRef, element: u32) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let dims: i32 = if values.is_empty() { 0 } else { 1 };
+    out.extend_from_slice(&dims.to_be_bytes());
+    out.extend_from_slice(&i32::from(values.null_count() > 0).to_be_bytes());
+    out.extend_from_slice(&element.to_be_bytes());
+    if dims == 1 {
+        out.extend_from_slice(&(values.len() as i32).to_be_bytes());
+        out.extend_from_slice(&1i32.to_be_bytes());
+    }
+    let cell = match element {
+        oid::TEXT => Cell::Text,
+        oid::INT4 => Cell::Int4,
+        _ => Cell::Int8,
+    };
+    for i in 0..values.len() {
+        write_cell(out, values, cell, i);
+    }
+    let len = (out.len() - at - 4) as i32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 /// `numeric`'s send format: base-10000 digits aligned on the decimal point, most
@@ -237,7 +272,7 @@ fn parse_uuid(text: &str) -> Option<u128> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Decimal128Array, Int64Array, StringArray, TimestampMicrosecondArray};
+    use arrow::array::{Decimal128Array, Int64Array, ListArray, StringArray, TimestampMicrosecondArray};
     use std::sync::Arc;
 
     fn numeric(value: i128, scale: u16) -> Vec<u8> {
@@ -331,6 +366,20 @@ mod tests {
         assert_eq!(next, 1);
         let (second, next) = copy_binary(&columns, &cells, next, 1);
         assert_eq!((next, [first, second].concat()), (2, all));
+        let tags: ArrayRef =
+            Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(vec![Some(vec![Some(7), None]), Some(vec![])]));
+        let (arrays, _) = copy_binary(&[&tags], &[Cell::Array(oid::INT4)], 0, usize::MAX);
+        let mut expected = HEADER.to_vec();
+        for (tuple, fields) in [(1i16, vec![1i32, 1, 23, 2, 1, 4, 7, -1]), (1, vec![0, 0, 23])] {
+            expected.extend_from_slice(&tuple.to_be_bytes());
+            expected.extend_from_slice(&(4 * fields.len() as i32).to_be_bytes());
+            fields.iter().for_each(|f| expected.extend_from_slice(&f.to_be_bytes()));
+        }
+        expected.extend_from_slice(TRAILER);
+        assert_eq!(arrays, expected);
+        let list = DataType::List(Arc::new(arrow::datatypes::Field::new("item", DataType::Utf8, true)));
+        assert_eq!(Cell::for_column("text[]", &list), Some(Cell::Array(oid::TEXT)));
+        assert_eq!(Cell::for_column("character varying[]", &list), None);
         let bad: ArrayRef = Arc::new(StringArray::from(vec![Some("not a uuid")]));
         assert!(!encodable(&[&bad], &[Cell::Uuid]));
     }
