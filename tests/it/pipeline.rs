@@ -144,6 +144,25 @@ async fn every_type_reaches_each_sink_through_snapshot_and_stream() {
     assert!(files >= 2, "snapshot and stream files in the lake: {lake_state:?}");
 }
 
+#[tokio::test]
+async fn a_target_column_retyped_behind_the_sink_falls_back_to_text() {
+    let source = PgDb::create("e2e_retype").await;
+    source.exec("CREATE TABLE scores (id int PRIMARY KEY, score int); INSERT INTO scores VALUES (1, 10);").await;
+    let target = PgDb::create("e2e_retype_pg").await;
+    let sinks = pg_sink("pg", &target, None);
+    let daemon = InProcess::start(&pipeline_toml(&source, &["public.scores"], &sinks, ""), Faults::default());
+    let config = daemon.dir.path().join("sluice.toml");
+    assert_eq!(validate_until_equal(&config, None, T).await.differences, 0);
+    // Narrowed while the sink runs: its binary COPY still sends 4-byte integers, which
+    // the server rejects (22P03); the rows go again as text instead of dead letters.
+    target.exec("ALTER TABLE scores ALTER COLUMN score TYPE smallint").await;
+    source.exec("INSERT INTO scores VALUES (2, 20), (3, 30); UPDATE scores SET score = 11 WHERE id = 1;").await;
+    let report = validate_until_equal(&config, None, T).await;
+    assert_eq!(report.differences, 0, "{:#?}", report.lines);
+    assert_eq!(target.count("sluice_dead_letter").await, 0);
+    daemon.stop().expect("graceful stop");
+}
+
 fn walk(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];

@@ -260,7 +260,7 @@ impl PgDatabase {
     /// COPY of the `columns` of `part` into `table`: the target, or (with `stage_part`) a
     /// staging table, each row tagged with that part number.
     async fn copy(
-        &self,
+        &mut self,
         target: &TargetTable,
         table: &str,
         columns: &[usize],
@@ -284,24 +284,38 @@ impl PgDatabase {
         let format = if cells.is_some() { " WITH (FORMAT binary)" } else { "" };
         let copy = format!("COPY {table} ({}) FROM STDIN{format}", names.join(", "));
         let context = || format!("{}: copy into {}", self.describe, target.name);
-        let sink = self.client()?.copy_in::<_, Bytes>(copy.as_str()).await.context(context())?;
-        futures::pin_mut!(sink);
-        // Sent in pieces as they are encoded: the server parses and inserts one while the
-        // next is encoded, instead of waiting for the whole part.
-        let mut next = 0;
-        loop {
-            let (data, after) = match &cells {
-                Some(cells) => pgbinary::copy_binary(&columns, cells, next, COPY_CHUNK_BYTES),
-                None => encode::copy_text(&columns, next, COPY_CHUNK_BYTES),
-            };
-            sink.send(Bytes::from(data)).await.context(context())?;
-            next = after;
-            if next >= part.rows.num_rows() {
-                break;
+        let sent: Result<()> = async {
+            let sink = self.client()?.copy_in::<_, Bytes>(copy.as_str()).await.context(context())?;
+            futures::pin_mut!(sink);
+            // Sent in pieces as they are encoded: the server parses and inserts one while
+            // the next is encoded, instead of waiting for the whole part.
+            let mut next = 0;
+            loop {
+                let (data, after) = match &cells {
+                    Some(cells) => pgbinary::copy_binary(&columns, cells, next, COPY_CHUNK_BYTES),
+                    None => encode::copy_text(&columns, next, COPY_CHUNK_BYTES),
+                };
+                sink.send(Bytes::from(data)).await.context(context())?;
+                next = after;
+                if next >= part.rows.num_rows() {
+                    break;
+                }
             }
+            sink.finish().await.context(context())?;
+            Ok(())
         }
-        sink.finish().await.context(context())?;
-        Ok(())
+        .await;
+        if let Err(e) = &sent
+            && cells.is_some()
+            && e.sqlstate().as_deref() == Some(INVALID_BINARY_REPRESENTATION)
+        {
+            // The table's types are not the ones read when it was ensured (altered
+            // behind the sink's back): text, which the server converts, until the next
+            // connection reads them again. The rejected part is retried in halves.
+            tracing::warn!(sink = %self.describe, table = %target.name, error = %e.chain(), "binary COPY rejected: sending text");
+            self.cells.remove(&target.name);
+        }
+        sent
     }
 
     /// Rows whose keys the target does not hold yet: one COPY straight into the target,
@@ -369,6 +383,9 @@ fn split(part: &Part, mask: &[bool]) -> Result<(Part, Part)> {
 
 /// SQLSTATE `unique_violation`.
 const UNIQUE_VIOLATION: &str = "23505";
+/// SQLSTATE `invalid_binary_representation`: a binary COPY field that is not in the
+/// column type's send format.
+const INVALID_BINARY_REPRESENTATION: &str = "22P03";
 
 fn first_words(sql: &str) -> String {
     sql.split_whitespace().take(4).collect::<Vec<_>>().join(" ")
