@@ -98,6 +98,8 @@ impl fmt::Display for Interval {
 
 pub const MICROS_PER_SECOND: i64 = 1_000_000;
 pub const MICROS_PER_DAY: i64 = 86_400 * MICROS_PER_SECOND;
+/// Microseconds from the Unix epoch to PostgreSQL's, 2000-01-01.
+pub const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (astronomical year numbering).
 pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {

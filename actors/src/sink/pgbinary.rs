@@ -20,14 +20,14 @@ use arrow::datatypes::{
 };
 
 use crate::schema::{PgType, oid};
+use crate::value::{MICROS_PER_DAY, PG_EPOCH_MICROS, parse_uuid};
 
 /// The file header: signature, flags, header extension length.
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 /// The file trailer: a tuple with -1 fields.
 const TRAILER: &[u8] = &[0xff, 0xff];
-/// Days and microseconds from 1970-01-01 to PostgreSQL's epoch, 2000-01-01.
-const PG_EPOCH_DAYS: i32 = 10_957;
-const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+/// Days from 1970-01-01 to PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_DAYS: i32 = (PG_EPOCH_MICROS / MICROS_PER_DAY) as i32;
 
 /// A column's binary form: the target type, with the Arrow types that convert into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub enum Cell {
     Date,
     /// `timestamp` and `timestamptz` alike: microseconds since 2000-01-01 (UTC).
     Timestamp,
-    /// From its text form (what the decoder produces for `uuid`).
+    /// From its canonical text (what the decoder produces for `uuid`).
     Uuid,
     /// A one-dimensional array of `text`, `integer` or `bigint` (the element type's OID).
     Array(u32),
@@ -93,13 +93,13 @@ impl Cell {
 }
 
 /// Whether every cell of `columns` can be written in binary as `cells` say: only `uuid`
-/// columns can fail (their text must parse); such a part goes as text, where the server
-/// reports the bad value itself.
+/// columns can fail (their text must be canonical); such a part goes as text, where the
+/// server reads other spellings or reports the bad value itself.
 pub fn encodable(columns: &[&ArrayRef], cells: &[Cell]) -> bool {
     columns.iter().zip(cells).all(|(a, c)| {
         *c != Cell::Uuid || {
             let s = a.as_string::<i32>();
-            (0..s.len()).all(|r| s.is_null(r) || parse_uuid(s.value(r)).is_some())
+            (0..s.len()).all(|r| s.is_null(r) || canonical_uuid(s.value(r)).is_some())
         }
     })
 }
@@ -185,7 +185,7 @@ fn write_cell(out: &mut Vec<u8>, array: &ArrayRef, cell: Cell, row: usize) {
             field(out, &micros.to_be_bytes())
         }
         Cell::Uuid => {
-            let uuid = parse_uuid(array.as_string::<i32>().value(row)).unwrap_or_default();
+            let uuid = canonical_uuid(array.as_string::<i32>().value(row)).unwrap_or_default();
             field(out, &uuid.to_be_bytes())
         }
         Cell::Array(element) => write_array(out, &array.as_list::<i32>().value(row), element),
@@ -247,26 +247,11 @@ fn write_numeric(out: &mut Vec<u8>, value: i128, scale: u16) {
     }
 }
 
-/// A UUID's 128 bits from its text (32 hex digits, optional braces), as
-/// PostgreSQL's `uuid_in` reads it: a hyphen may follow any group of four digits.
-fn parse_uuid(text: &str) -> Option<u128> {
-    let text = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')).unwrap_or(text);
-    let mut value: u128 = 0;
-    let mut count = 0;
-    let mut hyphen_allowed = false;
-    for c in text.chars() {
-        if c == '-' && hyphen_allowed {
-            hyphen_allowed = false;
-            continue;
-        }
-        if count == 32 {
-            return None;
-        }
-        value = value << 4 | c.to_digit(16)? as u128;
-        count += 1;
-        hyphen_allowed = count % 4 == 0 && count < 32;
-    }
-    (count == 32).then_some(value)
+/// A UUID's 128 bits when its text has the canonical shape `uuid_out` prints (what the
+/// decoder produces); other spellings, valid or not, go as text for the server to judge.
+fn canonical_uuid(text: &str) -> Option<u128> {
+    let b = text.as_bytes();
+    (b.len() == 36 && [8, 13, 18, 23].iter().all(|&i| b[i] == b'-')).then(|| parse_uuid(text)).flatten()
 }
 
 #[cfg(test)]
@@ -303,21 +288,21 @@ mod tests {
     }
 
     #[test]
-    fn uuids_parse_as_uuid_in_does() {
+    fn only_canonical_uuids_go_binary() {
         let v = 0xa0ee_bc99_9c0b_4ef8_bb6d_6bb9_bd38_0a11u128;
-        assert_eq!(parse_uuid("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), Some(v));
-        assert_eq!(parse_uuid("{A0EEBC99-9C0B4EF8-BB6D6BB9-BD380A11}"), Some(v));
-        assert_eq!(parse_uuid("a0eebc999c0b4ef8bb6d6bb9bd380a11"), Some(v));
-        for bad in [
+        assert_eq!(canonical_uuid("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), Some(v));
+        assert_eq!(canonical_uuid("A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"), Some(v));
+        for other in [
+            "{A0EEBC99-9C0B4EF8-BB6D6BB9-BD380A11}",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
             "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
             "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a111",
-            "-a0eebc999c0b4ef8bb6d6bb9bd380a11",
-            "a0eeb-c999c0b4ef8bb6d6bb9bd380a11",
-            "a0eebc99--9c0b4ef8bb6d6bb9bd380a11",
-            "g0eebc999c0b4ef8bb6d6bb9bd380a11",
-            "a0eebc999c0b4ef8bb6d6bb9bd380a11-",
+            " a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1 ",
+            "g0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd38-a11",
         ] {
-            assert_eq!(parse_uuid(bad), None, "{bad}");
+            assert_eq!(canonical_uuid(other), None, "{other}");
         }
     }
 

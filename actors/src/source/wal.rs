@@ -46,10 +46,7 @@ use crate::metrics as m;
 use crate::schema::{Column, PgType, TableId, TableSchema};
 use crate::source::catalog;
 use crate::source::pgoutput::{self, Message, OldImage, Relation, TupleValue};
-use crate::value::Value;
-
-/// Microseconds between the PostgreSQL epoch (2000-01-01) and the Unix epoch.
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+use crate::value::{PG_EPOCH_MICROS, Value};
 
 /// How the reader batches and beats.
 #[derive(Debug, Clone)]
@@ -256,7 +253,7 @@ pub async fn stream(
                 txn = Some(Txn {
                     commit_lsn: final_lsn.as_u64(),
                     xid,
-                    commit_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
+                    commit_micros: commit_time_micros + PG_EPOCH_MICROS,
                     seq: 0,
                 });
             }
