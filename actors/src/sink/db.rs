@@ -1,11 +1,18 @@
 //! What the PostgreSQL and MySQL sinks share: the unit protocol on top of a [`Database`].
 //!
 //! A unit is reduced ([`reduce`]) to one final state per key, then applied set-based per
-//! target table: deletes, upserts, partial updates. Each part runs under a savepoint; when
-//! the database rejects a part for its data (constraint, value out of range), the part is
-//! split in halves until the rows at fault are isolated, and those go to the dead-letter
-//! table in the same transaction while the rest is applied. Offsets are written last, in the
-//! same transaction, so a unit and its position commit together.
+//! target table: deletes, upserts, partial updates. Offsets are written last, in the same
+//! transaction, so a unit and its position commit together.
+//!
+//! Rejected rows: a unit is first applied *unguarded*, without savepoints (each is a round
+//! trip, and a unit has several parts). When the database rejects a part for its data
+//! (constraint, value out of range), the transaction is rolled back and the unit applied
+//! again *guarded*: each part under a savepoint, and a rejected part split in halves until
+//! the rows at fault are isolated; those go to the dead-letter table in the same
+//! transaction while the rest is applied. The writer still holds the unit, so the retry
+//! loses nothing. Only the first write of a transaction can be retried that way; later
+//! pieces of a transaction larger than a unit (written into the open transaction) are
+//! applied guarded from the start.
 //!
 //! A commit may be durable later than it returns: PostgreSQL sinks commit asynchronously
 //! (`synchronous_commit = off`, as PostgreSQL's own subscriptions do), which saves a WAL
@@ -27,7 +34,7 @@ use crate::message::{Checkpoint, StreamOffset};
 use crate::metrics as m;
 use crate::schema::TableId;
 use crate::sink::Sink;
-use crate::sink::reduce::{Part, Step, reduce};
+use crate::sink::reduce::{Part, Reduced, Step, reduce};
 
 /// How a part of a reduced unit changes its target.
 #[derive(Debug, Clone, Copy)]
@@ -70,11 +77,30 @@ pub trait Database: Send {
     /// Creates the target table, or adds the columns it lacks; checks its key and types.
     /// Runs outside a transaction (MySQL commits implicitly around DDL).
     fn ensure_table(&mut self, target: &Arc<TargetTable>) -> impl Future<Output = Result<()>> + Send;
+    /// Applies a part under the caller's savepoint (the dialect may use savepoints of its
+    /// own inside to recover from an error it expects).
     fn apply(&mut self, target: &TargetTable, op: PartOp<'_>, part: &Part) -> impl Future<Output = Result<()>> + Send;
+    /// Applies a target's parts of a unit, in order, without a savepoint: an error fails
+    /// them all, and the caller rolls the transaction back. One after another by default;
+    /// a dialect may send them together.
+    fn apply_parts(
+        &mut self,
+        target: &TargetTable,
+        parts: &[(PartOp<'_>, &Part)],
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for (op, part) in parts {
+                self.apply(target, *op, part).await?;
+            }
+            Ok(())
+        }
+    }
     fn truncate(&mut self, target: &TargetTable) -> impl Future<Output = Result<()>> + Send;
     fn savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
     fn release_savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
     fn rollback_to_savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
+    /// Rolls the open transaction back.
+    fn rollback(&mut self) -> impl Future<Output = Result<()>> + Send;
     fn dead_letters(&mut self, sink: &str, letters: &[DeadLetter]) -> impl Future<Output = Result<()>> + Send;
     fn clear_offsets(&mut self, sink: &str, stream: &str) -> impl Future<Output = Result<()>> + Send;
     /// Stores the offsets and commits the transaction.
@@ -131,7 +157,7 @@ impl<D: Database> DbSink<D> {
         Ok(())
     }
 
-    /// Applies a part, isolating rejected rows by bisection under savepoints.
+    /// Applies a part under a savepoint, isolating rejected rows by bisection.
     async fn apply_part(
         &mut self,
         target: &TargetTable,
@@ -166,10 +192,55 @@ impl<D: Database> DbSink<D> {
                 Err(error) => return Err(error),
             }
         }
-        metrics::counter!(m::SINK_ROWS_TOTAL, "sink" => self.name.clone(), "op" => op.label())
-            .increment(part.len() as u64);
         Ok(())
     }
+
+    /// Applies reduced steps into the open transaction and returns the dead letters.
+    async fn apply_steps(&mut self, steps: &[Step], guarded: bool) -> Result<Vec<DeadLetter>> {
+        let mut dead = Vec::new();
+        for step in steps {
+            match step {
+                Step::Truncate(target, _) => self.db.truncate(target).await?,
+                Step::DeadLetter(d) => dead.push(d.clone()),
+                Step::Apply(r) if guarded => {
+                    for (op, part) in parts(r) {
+                        self.apply_part(&r.target, op, part, &mut dead).await?;
+                    }
+                }
+                Step::Apply(r) => self.db.apply_parts(&r.target, &parts(r).collect::<Vec<_>>()).await?,
+            }
+        }
+        Ok(dead)
+    }
+
+    /// Counts what applied steps did, once they are in the transaction for good.
+    fn applied(&mut self, steps: &[Step]) {
+        for step in steps {
+            match step {
+                Step::Truncate(_, meta) => {
+                    self.newest_commit_micros = self.newest_commit_micros.max(meta.commit_micros);
+                    metrics::counter!(m::SINK_ROWS_TOTAL, "sink" => self.name.clone(), "op" => "truncate").increment(1);
+                }
+                Step::DeadLetter(_) => {}
+                Step::Apply(r) => {
+                    for (op, part) in parts(r) {
+                        if let Some(newest) = part.meta.iter().map(|m| m.commit_micros).max() {
+                            self.newest_commit_micros = self.newest_commit_micros.max(newest);
+                        }
+                        metrics::counter!(m::SINK_ROWS_TOTAL, "sink" => self.name.clone(), "op" => op.label())
+                            .increment(part.len() as u64);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A reduced target's parts in the order they apply: deletes, upserts, partial updates.
+fn parts(r: &Reduced) -> impl Iterator<Item = (PartOp<'_>, &Part)> {
+    let deletes = r.deletes.iter().map(|p| (PartOp::Delete, p));
+    let upserts = r.upserts.iter().map(|p| (PartOp::Upsert, p));
+    deletes.chain(upserts).chain(r.updates.iter().map(|(mask, p)| (PartOp::Update(mask), p)))
 }
 
 impl<D: Database> Sink for DbSink<D> {
@@ -195,33 +266,27 @@ impl<D: Database> Sink for DbSink<D> {
                 SinkItem::DeadLetter(_) => {}
             }
         }
-        self.begin().await?;
-        let mut dead = Vec::new();
-        for step in reduce(&items)? {
-            match step {
-                Step::Truncate(target, meta) => {
-                    self.db.truncate(&target).await?;
-                    self.newest_commit_micros = self.newest_commit_micros.max(meta.commit_micros);
-                    metrics::counter!(m::SINK_ROWS_TOTAL, "sink" => self.name.clone(), "op" => "truncate").increment(1);
+        let steps = reduce(&items)?;
+        let mut dead = None;
+        if !self.in_txn {
+            // The first write of a transaction: unguarded, retried guarded if rejected.
+            self.begin().await?;
+            match self.apply_steps(&steps, false).await {
+                Ok(letters) => dead = Some(letters),
+                Err(error) if error.disposition() == Disposition::DeadLetter => {
+                    tracing::info!(sink = %self.name, error = %error.chain(), "a part was rejected: applying the unit again part by part");
+                    self.db.rollback().await?;
+                    self.in_txn = false;
+                    self.begin().await?;
                 }
-                Step::DeadLetter(d) => dead.push(d),
-                Step::Apply(r) => {
-                    let parts = r
-                        .deletes
-                        .iter()
-                        .map(|p| (PartOp::Delete, p))
-                        .chain(r.upserts.iter().map(|p| (PartOp::Upsert, p)));
-                    let parts: Vec<_> =
-                        parts.chain(r.updates.iter().map(|(mask, p)| (PartOp::Update(mask), p))).collect();
-                    for (op, part) in parts {
-                        if let Some(newest) = part.meta.iter().map(|m| m.commit_micros).max() {
-                            self.newest_commit_micros = self.newest_commit_micros.max(newest);
-                        }
-                        self.apply_part(&r.target, op, part, &mut dead).await?;
-                    }
-                }
+                Err(error) => return Err(error),
             }
         }
+        let dead = match dead {
+            Some(dead) => dead,
+            None => self.apply_steps(&steps, true).await?,
+        };
+        self.applied(&steps);
         if !dead.is_empty() {
             metrics::counter!(m::DEAD_LETTERS_TOTAL, "sink" => self.name.clone()).increment(dead.len() as u64);
             self.db.dead_letters(&self.name, &dead).await?;

@@ -507,6 +507,10 @@ impl Database for MySqlDatabase {
         self.exec("ROLLBACK TO SAVEPOINT sluice_part".into()).await
     }
 
+    async fn rollback(&mut self) -> Result<()> {
+        self.exec("ROLLBACK".into()).await
+    }
+
     async fn dead_letters(&mut self, sink: &str, letters: &[DeadLetter]) -> Result<()> {
         let describe = self.describe.clone();
         let params: Vec<_> = letters

@@ -13,12 +13,14 @@
 //!
 //! Snapshot rows and inserts take a shorter path: their keys are not in the target yet (a
 //! snapshot starts on an empty target, an insert follows the source), so they are copied
-//! straight into the target, under a savepoint that falls back to the upsert if a key is
-//! there after all.
+//! straight into the target; if a key is there after all, the unit is applied again
+//! guarded (see [`crate::sink::db`]), where the COPY runs under a savepoint that falls back
+//! to the upsert.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use arrow::array::{ArrayRef, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, IntervalUnit, TimeUnit};
 use bytes::Bytes;
 use futures::SinkExt;
@@ -219,6 +221,19 @@ pub fn compatible(existing: &str, produced: &str) -> bool {
     existing.ends_with("[]") == produced.ends_with("[]") && (e == p || e == "text" || (e == "json" && p == "text"))
 }
 
+/// Stores a unit's offsets, compare-and-set per partition: a row whose stored offset is
+/// not the unit's starting offset (another consumer moved it) is left alone, and the
+/// number of rows written tells.
+const STORE_OFFSETS_SQL: &str = "WITH v(stream, part, next_offset, lsn, seq, from_offset, generation) AS ( \
+         SELECT * FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], \
+             $8::bigint[])) \
+     INSERT INTO public.sluice_offsets AS o (sink, stream, part, next_offset, lsn, seq, generation) \
+     SELECT $1, stream, part, next_offset, lsn, seq, generation FROM v \
+     ON CONFLICT (sink, stream, part) DO UPDATE SET next_offset = EXCLUDED.next_offset, \
+         lsn = EXCLUDED.lsn, seq = EXCLUDED.seq, generation = EXCLUDED.generation, updated_at = now() \
+     WHERE (SELECT v.from_offset FROM v WHERE v.stream = EXCLUDED.stream AND v.part = EXCLUDED.part) IS NULL \
+        OR o.next_offset = (SELECT v.from_offset FROM v WHERE v.stream = EXCLUDED.stream AND v.part = EXCLUDED.part)";
+
 /// The PostgreSQL sink's database.
 pub struct PgDatabase {
     config: tokio_postgres::Config,
@@ -232,6 +247,8 @@ pub struct PgDatabase {
     part: i64,
     /// Rows staged since the transaction began (or the stages were last emptied).
     staged: usize,
+    /// [`STORE_OFFSETS_SQL`], prepared once per connection.
+    store_offsets: Option<tokio_postgres::Statement>,
     describe: String,
 }
 
@@ -245,6 +262,7 @@ impl PgDatabase {
             upsert_only: HashSet::new(),
             part: 0,
             staged: 0,
+            store_offsets: None,
             describe: describe.into(),
         }
     }
@@ -257,29 +275,29 @@ impl PgDatabase {
         self.client()?.batch_execute(sql).await.context(format!("{}: {}", self.describe, first_words(sql)))
     }
 
-    /// COPY of the `columns` of `part` into `table`: the target, or (with `stage_part`) a
-    /// staging table, each row tagged with that part number.
+    /// COPY of the `columns` of `rows` into `table`: the target, or (with `stage_parts`) a
+    /// staging table, each row tagged with its part number.
     async fn copy(
         &mut self,
         target: &TargetTable,
         table: &str,
         columns: &[usize],
-        part: &Part,
-        stage_part: Option<i64>,
+        rows: &RecordBatch,
+        stage_parts: Option<ArrayRef>,
     ) -> Result<()> {
         let mut names: Vec<String> = columns.iter().map(|&i| quote_ident(target.schema.field(i).name())).collect();
-        let mut arrays: Vec<arrow::array::ArrayRef> = columns.iter().map(|&i| part.rows.column(i).clone()).collect();
+        let mut arrays: Vec<ArrayRef> = columns.iter().map(|&i| rows.column(i).clone()).collect();
         let declared = self.cells.get(&target.name);
         let mut cells: Option<Vec<Cell>> =
             columns.iter().map(|&i| declared.and_then(|d| d.get(i).copied().flatten())).collect();
-        if let Some(n) = stage_part {
+        if let Some(tags) = stage_parts {
             names.push(STAGE_PART.into());
-            arrays.push(Arc::new(arrow::array::Int64Array::from_value(n, part.rows.num_rows())));
+            arrays.push(tags);
             if let Some(cells) = cells.as_mut() {
                 cells.push(Cell::Int8);
             }
         }
-        let columns: Vec<&arrow::array::ArrayRef> = arrays.iter().collect();
+        let columns: Vec<&ArrayRef> = arrays.iter().collect();
         let cells = cells.filter(|cells| pgbinary::encodable(&columns, cells));
         let format = if cells.is_some() { " WITH (FORMAT binary)" } else { "" };
         let copy = format!("COPY {table} ({}) FROM STDIN{format}", names.join(", "));
@@ -297,7 +315,7 @@ impl PgDatabase {
                 };
                 sink.send(Bytes::from(data)).await.context(context())?;
                 next = after;
-                if next >= part.rows.num_rows() {
+                if next >= rows.num_rows() {
                     break;
                 }
             }
@@ -311,7 +329,8 @@ impl PgDatabase {
         {
             // The table's types are not the ones read when it was ensured (altered
             // behind the sink's back): text, which the server converts, until the next
-            // connection reads them again. The rejected part is retried in halves.
+            // connection reads them again. The rejected rows are sent again (see
+            // `crate::sink::db`).
             tracing::warn!(sink = %self.describe, table = %target.name, error = %e.chain(), "binary COPY rejected: sending text");
             self.cells.remove(&target.name);
         }
@@ -329,9 +348,9 @@ impl PgDatabase {
     /// `false` is returned, the upsert runs instead, and later parts of this target take
     /// the upsert path at once.
     async fn copy_direct(&mut self, target: &TargetTable, part: &Part) -> Result<bool> {
-        self.exec("SAVEPOINT sluice_copy").await?;
         let all: Vec<usize> = (0..target.schema.fields().len()).collect();
-        match self.copy(target, &target.name.quoted(), &all, part, None).await {
+        self.exec("SAVEPOINT sluice_copy").await?;
+        match self.copy(target, &target.name.quoted(), &all, &part.rows, None).await {
             Ok(()) => {
                 self.exec("RELEASE SAVEPOINT sluice_copy").await?;
                 Ok(true)
@@ -344,6 +363,52 @@ impl PgDatabase {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn stage(&self, target: &TargetTable) -> Result<String> {
+        self.stages
+            .get(&target.name)
+            .cloned()
+            .ok_or_else(|| Error::Fatal(format!("internal: no staging table for {}", target.name)))
+    }
+
+    /// An upsert part's rows whose keys the target should not hold yet (see
+    /// [`Self::copy_direct`]), and the others; `None` when no row is such.
+    fn split_fresh(&self, target: &TargetTable, op: PartOp<'_>, part: &Part) -> Result<Option<(Part, Part)>> {
+        if !matches!(op, PartOp::Upsert) || self.upsert_only.contains(&target.name) {
+            return Ok(None);
+        }
+        let new: Vec<bool> = part.meta.iter().map(|m| matches!(m.op, Op::Read | Op::Insert)).collect();
+        if !new.contains(&true) {
+            return Ok(None);
+        }
+        split(part, &new).map(Some)
+    }
+
+    /// A new part number, and the statement that applies the rows staged under it; `None`
+    /// when the part sets nothing.
+    fn statement(&mut self, target: &TargetTable, stage: &str, op: PartOp<'_>) -> Option<(i64, String)> {
+        self.part += 1;
+        let n = self.part;
+        let sql = match op {
+            PartOp::Upsert => upsert_sql(target, stage, n),
+            PartOp::Delete => delete_sql(target, stage, n),
+            PartOp::Update(unchanged) => update_sql(target, stage, n, unchanged)?,
+        };
+        Some((n, sql))
+    }
+
+    /// Makes room for `rows` more staged rows. A transaction larger than a unit is written
+    /// in pieces, and its statements would read ever longer stages: they are emptied at
+    /// once when full.
+    async fn make_room(&mut self, rows: usize) -> Result<()> {
+        if self.staged >= STAGE_MAX_ROWS {
+            let all: Vec<&str> = self.stages.values().map(String::as_str).collect();
+            self.exec(&format!("TRUNCATE {}", all.join(", "))).await?;
+            self.staged = 0;
+        }
+        self.staged += rows;
+        Ok(())
     }
 
     /// Runs `sql` (simple protocol) and returns the WAL positions its last row holds, as
@@ -381,6 +446,19 @@ fn split(part: &Part, mask: &[bool]) -> Result<(Part, Part)> {
     Ok((take(true)?, take(false)?))
 }
 
+/// Delete rows with their key columns only (the others null where they may be): a delete
+/// needs no more, and old values can be long.
+fn keys_only(target: &TargetTable, rows: &RecordBatch) -> Result<RecordBatch> {
+    let schema = rows.schema();
+    let columns = (0..rows.num_columns())
+        .map(|i| match target.key.contains(&i) || !schema.field(i).is_nullable() {
+            true => rows.column(i).clone(),
+            false => arrow::array::new_null_array(rows.column(i).data_type(), rows.num_rows()),
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns).context("stage deleted keys")
+}
+
 /// SQLSTATE `unique_violation`.
 const UNIQUE_VIOLATION: &str = "23505";
 /// SQLSTATE `invalid_binary_representation`: a binary COPY field that is not in the
@@ -397,6 +475,7 @@ impl Database for PgDatabase {
         self.stages.clear();
         self.cells.clear();
         self.upsert_only.clear();
+        self.store_offsets = None;
         let client = catalog::connect(&self.config, &self.describe).await?;
         client.batch_execute(SETUP_SQL).await.context(format!("{}: create sluice tables", self.describe))?;
         // Commits need not wait for their WAL flush: see `Durable` (crate::sink::db).
@@ -540,49 +619,68 @@ impl Database for PgDatabase {
     }
 
     async fn apply(&mut self, target: &TargetTable, op: PartOp<'_>, part: &Part) -> Result<()> {
-        let stage = self
-            .stages
-            .get(&target.name)
-            .cloned()
-            .ok_or_else(|| Error::Fatal(format!("internal: no staging table for {}", target.name)))?;
+        let stage = self.stage(target)?;
         let mut rest = std::borrow::Cow::Borrowed(part);
-        if matches!(op, PartOp::Upsert) && !self.upsert_only.contains(&target.name) {
-            let new: Vec<bool> = part.meta.iter().map(|m| matches!(m.op, Op::Read | Op::Insert)).collect();
-            if new.contains(&true) {
-                let (fresh, others) = split(part, &new)?;
-                if self.copy_direct(target, &fresh).await? {
-                    if others.is_empty() {
-                        return Ok(());
-                    }
-                    rest = std::borrow::Cow::Owned(others);
-                }
+        if let Some((fresh, others)) = self.split_fresh(target, op, part)?
+            && self.copy_direct(target, &fresh).await?
+        {
+            if others.is_empty() {
+                return Ok(());
             }
+            rest = std::borrow::Cow::Owned(others);
         }
         let part = rest.as_ref();
-        self.part += 1;
-        let n = self.part;
-        let statement = match op {
-            PartOp::Upsert => upsert_sql(target, &stage, n),
-            PartOp::Delete => delete_sql(target, &stage, n),
-            PartOp::Update(unchanged) => match update_sql(target, &stage, n, unchanged) {
-                Some(sql) => sql,
-                None => return Ok(()),
-            },
-        };
+        let Some((n, statement)) = self.statement(target, &stage, op) else { return Ok(()) };
         let indexes: Vec<usize> = match op {
             PartOp::Delete => target.key.clone(),
             _ => (0..target.schema.fields().len()).collect(),
         };
-        // A transaction larger than a unit is written in pieces: its statements would read
-        // ever longer stages.
-        if self.staged >= STAGE_MAX_ROWS {
-            let all: Vec<&str> = self.stages.values().map(String::as_str).collect();
-            self.exec(&format!("TRUNCATE {}", all.join(", "))).await?;
-            self.staged = 0;
-        }
-        self.staged += part.len();
-        self.copy(target, &stage, &indexes, part, Some(n)).await?;
+        self.make_room(part.len()).await?;
+        let tags = Arc::new(Int64Array::from_value(n, part.len()));
+        self.copy(target, &stage, &indexes, &part.rows, Some(tags)).await?;
         self.exec(&statement).await
+    }
+
+    /// All parts' staged rows in one COPY and their statements in one batch, then the new
+    /// rows in one COPY into the target: three round trips or so for a target's share of
+    /// a unit, where [`Self::apply`] takes three per part.
+    async fn apply_parts(&mut self, target: &TargetTable, parts: &[(PartOp<'_>, &Part)]) -> Result<()> {
+        let stage = self.stage(target)?;
+        let mut statements = Vec::new();
+        let mut batches = Vec::new();
+        let mut tags = Vec::new();
+        let mut fresh = None;
+        for &(op, part) in parts {
+            let mut rest = std::borrow::Cow::Borrowed(part);
+            if let Some((new, others)) = self.split_fresh(target, op, part)? {
+                fresh = Some(new);
+                rest = std::borrow::Cow::Owned(others);
+            }
+            if rest.is_empty() {
+                continue;
+            }
+            let Some((n, statement)) = self.statement(target, &stage, op) else { continue };
+            statements.push(statement);
+            tags.push(Int64Array::from_value(n, rest.len()));
+            batches.push(match op {
+                PartOp::Delete => keys_only(target, &rest.rows)?,
+                _ => rest.rows.clone(),
+            });
+        }
+        if let Some(first) = batches.first() {
+            let rows = arrow::compute::concat_batches(&first.schema(), &batches).context("stage a unit's parts")?;
+            let tags: Vec<&dyn arrow::array::Array> = tags.iter().map(|t| t as &dyn arrow::array::Array).collect();
+            let tags = arrow::compute::concat(&tags).context("stage a unit's parts")?;
+            let all: Vec<usize> = (0..target.schema.fields().len()).collect();
+            self.make_room(rows.num_rows()).await?;
+            self.copy(target, &stage, &all, &rows, Some(tags)).await?;
+            self.exec(&statements.join("; ")).await?;
+        }
+        if let Some(fresh) = fresh {
+            let all: Vec<usize> = (0..target.schema.fields().len()).collect();
+            self.copy(target, &target.name.quoted(), &all, &fresh.rows, None).await?;
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, target: &TargetTable) -> Result<()> {
@@ -599,6 +697,10 @@ impl Database for PgDatabase {
 
     async fn rollback_to_savepoint(&mut self) -> Result<()> {
         self.exec("ROLLBACK TO SAVEPOINT sluice_part").await
+    }
+
+    async fn rollback(&mut self) -> Result<()> {
+        self.exec("ROLLBACK").await
     }
 
     async fn dead_letters(&mut self, sink: &str, letters: &[DeadLetter]) -> Result<()> {
@@ -641,8 +743,16 @@ impl Database for PgDatabase {
     }
 
     async fn commit(&mut self, sink: &str, offsets: &[StreamOffset]) -> Result<Durable> {
+        if !offsets.is_empty() && self.store_offsets.is_none() {
+            let statement = self
+                .client()?
+                .prepare(STORE_OFFSETS_SQL)
+                .await
+                .context(format!("{}: prepare offsets", self.describe))?;
+            self.store_offsets = Some(statement);
+        }
         let client = self.client()?;
-        if !offsets.is_empty() {
+        if let Some(statement) = self.store_offsets.as_ref().filter(|_| !offsets.is_empty()) {
             let streams: Vec<&str> = offsets.iter().map(|o| o.stream.as_str()).collect();
             let parts: Vec<i32> = offsets.iter().map(|o| o.partition).collect();
             let next: Vec<i64> = offsets.iter().map(|o| o.next_offset).collect();
@@ -650,21 +760,8 @@ impl Database for PgDatabase {
             let seqs: Vec<i64> = offsets.iter().map(|o| o.position.seq as i64).collect();
             let from: Vec<Option<i64>> = offsets.iter().map(|o| o.from_offset).collect();
             let generations: Vec<i64> = offsets.iter().map(|o| o.generation as i64).collect();
-            // Compare-and-set per partition: a row whose stored offset is not the unit's
-            // starting offset (another consumer moved it) is left alone, and counted.
             let written = client
-                .execute(
-                    "WITH v(stream, part, next_offset, lsn, seq, from_offset, generation) AS ( \
-                         SELECT * FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], \
-                             $8::bigint[])) \
-                     INSERT INTO public.sluice_offsets AS o (sink, stream, part, next_offset, lsn, seq, generation) \
-                     SELECT $1, stream, part, next_offset, lsn, seq, generation FROM v \
-                     ON CONFLICT (sink, stream, part) DO UPDATE SET next_offset = EXCLUDED.next_offset, \
-                         lsn = EXCLUDED.lsn, seq = EXCLUDED.seq, generation = EXCLUDED.generation, updated_at = now() \
-                     WHERE (SELECT v.from_offset FROM v WHERE v.stream = EXCLUDED.stream AND v.part = EXCLUDED.part) IS NULL \
-                        OR o.next_offset = (SELECT v.from_offset FROM v WHERE v.stream = EXCLUDED.stream AND v.part = EXCLUDED.part)",
-                    &[&sink, &streams, &parts, &next, &lsns, &seqs, &from, &generations],
-                )
+                .execute(statement, &[&sink, &streams, &parts, &next, &lsns, &seqs, &from, &generations])
                 .await
                 .context(format!("{}: store offsets", self.describe))?;
             if written as usize != offsets.len() {
