@@ -43,7 +43,19 @@ async fn error_then_panic(tag: &str, kafka: bool, actor: &str, phase: Phase, gro
         wait_until("streaming", T, || async { http_get(port, "/ready").is_some_and(|r| r.0 == 200) }).await;
         for (mode, restarts) in [(FaultMode::Error, 1), (FaultMode::Panic, 2)] {
             faults.add(Fault::new(actor, 3, mode));
-            daemon.wait_restarts(group, restarts, T).await;
+            // The fault fires at the actor's third message from now: changes keep coming
+            // until it has, since the workload may be over by then (or its backlog folded
+            // into a batch or two on a busy machine).
+            let nudge = async {
+                loop {
+                    bed.source.exec("UPDATE users SET name = name WHERE id = (SELECT min(id) FROM users)").await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            };
+            tokio::select! {
+                () = daemon.wait_restarts(group, restarts, T) => {}
+                () = nudge => {}
+            }
         }
     }
     let summary = load.await.expect("task").expect("loadgen");

@@ -201,7 +201,14 @@ pub async fn stream(
     let mut gather = Gather::new(*confirm.borrow());
     let mut last_heartbeat = Instant::now();
     let mut confirmed = *confirm.borrow_and_update();
-    rewind.borrow_and_update();
+    if rewind.has_changed().unwrap_or(false) {
+        // A rewind asked for before this stream began (while the snapshot ended, or the
+        // stream reconnected): this stream starts at the confirmed position, which is what
+        // was asked for, and the fan-out, which forwards nothing to the sink that asked
+        // until it hears so, must hear so. Swallowing the request starved that sink.
+        rewind.borrow_and_update();
+        out.send(Event::Rewound).await?;
+    }
     let replication_metrics = repl.metrics();
     loop {
         let event = tokio::select! {
