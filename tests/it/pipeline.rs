@@ -145,21 +145,31 @@ async fn every_type_reaches_each_sink_through_snapshot_and_stream() {
 }
 
 #[tokio::test]
-async fn a_target_column_retyped_behind_the_sink_falls_back_to_text() {
+async fn target_columns_retyped_behind_the_sink_are_read_again() {
     let source = PgDb::create("e2e_retype").await;
-    source.exec("CREATE TABLE scores (id int PRIMARY KEY, score int); INSERT INTO scores VALUES (1, 10);").await;
+    source
+        .exec("CREATE TABLE scores (id int PRIMARY KEY, score int, note int); INSERT INTO scores VALUES (1, 10, 100);")
+        .await;
     let target = PgDb::create("e2e_retype_pg").await;
     let sinks = pg_sink("pg", &target, None);
     let daemon = InProcess::start(&pipeline_toml(&source, &["public.scores"], &sinks, ""), Faults::default());
     let config = daemon.dir.path().join("sluice.toml");
     assert_eq!(validate_until_equal(&config, None, T).await.differences, 0);
-    // Narrowed while the sink runs: its binary COPY still sends 4-byte integers, which
-    // the server rejects (22P03); the rows go again as text instead of dead letters.
-    target.exec("ALTER TABLE scores ALTER COLUMN score TYPE smallint").await;
-    source.exec("INSERT INTO scores VALUES (2, 20), (3, 30); UPDATE scores SET score = 11 WHERE id = 1;").await;
+    // Retyped while the sink runs. The binary COPY would still send 4-byte integers: the
+    // server rejects them as smallint (22P03), and as text it rejects their zero bytes
+    // (22021), which would dead-letter the rows. The sink finds the new types when its
+    // next transaction locks the table, and writes in those.
+    target.exec("ALTER TABLE scores ALTER COLUMN score TYPE smallint, ALTER COLUMN note TYPE text").await;
+    source
+        .exec("INSERT INTO scores VALUES (2, 20, 200), (3, 30, 300); UPDATE scores SET score = 11 WHERE id = 1;")
+        .await;
     let report = validate_until_equal(&config, None, T).await;
     assert_eq!(report.differences, 0, "{:#?}", report.lines);
     assert_eq!(target.count("sluice_dead_letter").await, 0);
+    assert_eq!(
+        target.rows("SELECT note FROM scores ORDER BY id").await,
+        vec![vec![Some("100".to_string())], vec![Some("200".to_string())], vec![Some("300".to_string())]]
+    );
     daemon.stop().expect("graceful stop");
 }
 

@@ -73,7 +73,8 @@ pub trait Database: Send {
     /// Opens a fresh connection and creates sluice's own tables if missing.
     fn connect(&mut self) -> impl Future<Output = Result<()>> + Send;
     fn read_offsets(&mut self, sink: &str) -> impl Future<Output = Result<Vec<StreamOffset>>> + Send;
-    fn begin(&mut self) -> impl Future<Output = Result<()>> + Send;
+    /// Opens a transaction that writes into `targets` (and maybe others, without COPY).
+    fn begin(&mut self, targets: &[Arc<TargetTable>]) -> impl Future<Output = Result<()>> + Send;
     /// Creates the target table, or adds the columns it lacks; checks its key and types.
     /// Runs outside a transaction (MySQL commits implicitly around DDL).
     fn ensure_table(&mut self, target: &Arc<TargetTable>) -> impl Future<Output = Result<()>> + Send;
@@ -149,9 +150,9 @@ impl<D: Database> DbSink<D> {
         Ok(())
     }
 
-    async fn begin(&mut self) -> Result<()> {
+    async fn begin(&mut self, targets: &[Arc<TargetTable>]) -> Result<()> {
         if !self.in_txn {
-            self.db.begin().await?;
+            self.db.begin(targets).await?;
             self.in_txn = true;
         }
         Ok(())
@@ -259,25 +260,30 @@ impl<D: Database> Sink for DbSink<D> {
 
     async fn write(&mut self, items: Vec<SinkItem>) -> Result<()> {
         // DDL first, before the transaction (MySQL would commit it implicitly).
+        let mut targets: Vec<Arc<TargetTable>> = Vec::new();
         for item in &items {
-            match item {
-                SinkItem::Rows(r) => self.ensure(&r.target).await?,
-                SinkItem::Truncate { target, .. } => self.ensure(target).await?,
-                SinkItem::DeadLetter(_) => {}
+            let target = match item {
+                SinkItem::Rows(r) => &r.target,
+                SinkItem::Truncate { target, .. } => target,
+                SinkItem::DeadLetter(_) => continue,
+            };
+            if !targets.iter().any(|t| Arc::ptr_eq(t, target)) {
+                self.ensure(target).await?;
+                targets.push(target.clone());
             }
         }
         let steps = reduce(&items)?;
         let mut dead = None;
         if !self.in_txn {
             // The first write of a transaction: unguarded, retried guarded if rejected.
-            self.begin().await?;
+            self.begin(&targets).await?;
             match self.apply_steps(&steps, false).await {
                 Ok(letters) => dead = Some(letters),
                 Err(error) if error.disposition() == Disposition::DeadLetter => {
                     tracing::info!(sink = %self.name, error = %error.chain(), "a part was rejected: applying the unit again part by part");
                     self.db.rollback().await?;
                     self.in_txn = false;
-                    self.begin().await?;
+                    self.begin(&targets).await?;
                 }
                 Err(error) => return Err(error),
             }
@@ -295,7 +301,7 @@ impl<D: Database> Sink for DbSink<D> {
     }
 
     async fn commit(&mut self, checkpoint: &Checkpoint, offsets: Vec<StreamOffset>) -> Result<Vec<Checkpoint>> {
-        self.begin().await?;
+        self.begin(&[]).await?;
         let durable = self.db.commit(&self.name, &offsets).await?;
         self.in_txn = false;
         if self.newest_commit_micros > 0 {
@@ -332,7 +338,7 @@ impl<D: Database> Sink for DbSink<D> {
         for t in targets {
             self.ensure(t).await?;
         }
-        self.begin().await?;
+        self.begin(&[]).await?;
         for t in targets {
             self.db.truncate(t).await?;
         }

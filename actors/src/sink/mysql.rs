@@ -400,7 +400,7 @@ impl Database for MySqlDatabase {
             .collect())
     }
 
-    async fn begin(&mut self) -> Result<()> {
+    async fn begin(&mut self, _targets: &[Arc<TargetTable>]) -> Result<()> {
         self.exec("START TRANSACTION".into()).await
     }
 

@@ -241,6 +241,11 @@ pub struct PgDatabase {
     stages: HashMap<TableId, String>,
     /// Per target, each column's binary COPY form (by its declared type), if it has one.
     cells: HashMap<TableId, Vec<Option<Cell>>>,
+    /// Per target, its columns (name, declared type) as last read, in order.
+    columns: HashMap<TableId, Vec<(String, String)>>,
+    /// Targets locked and found as last read in the open transaction: their binary COPY
+    /// writes what their columns hold.
+    checked: HashSet<TableId>,
     /// Targets whose new rows met existing keys: upserted, not copied.
     upsert_only: HashSet<TableId>,
     /// The number of the last part staged on this connection.
@@ -259,6 +264,8 @@ impl PgDatabase {
             client: None,
             stages: HashMap::new(),
             cells: HashMap::new(),
+            columns: HashMap::new(),
+            checked: HashSet::new(),
             upsert_only: HashSet::new(),
             part: 0,
             staged: 0,
@@ -285,6 +292,9 @@ impl PgDatabase {
         rows: &RecordBatch,
         stage_parts: Option<ArrayRef>,
     ) -> Result<()> {
+        if stage_parts.is_none() && !self.checked.contains(&target.name) && self.cells.contains_key(&target.name) {
+            self.check_types(&[target], "").await?;
+        }
         let mut names: Vec<String> = columns.iter().map(|&i| quote_ident(target.schema.field(i).name())).collect();
         let mut arrays: Vec<ArrayRef> = columns.iter().map(|&i| rows.column(i).clone()).collect();
         let declared = self.cells.get(&target.name);
@@ -327,10 +337,10 @@ impl PgDatabase {
             && cells.is_some()
             && e.sqlstate().as_deref() == Some(INVALID_BINARY_REPRESENTATION)
         {
-            // The table's types are not the ones read when it was ensured (altered
-            // behind the sink's back): text, which the server converts, until the next
-            // connection reads them again. The rejected rows are sent again (see
-            // `crate::sink::db`).
+            // Not the types read when the target was ensured, though they were checked
+            // (a staging table's, or a type whose send format sluice misjudges): text,
+            // which the server converts, until the next connection reads them again. The
+            // rejected rows are sent again (see `crate::sink::db`).
             tracing::warn!(sink = %self.describe, table = %target.name, error = %e.chain(), "binary COPY rejected: sending text");
             self.cells.remove(&target.name);
         }
@@ -363,6 +373,150 @@ impl PgDatabase {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Locks `targets` against DDL until the transaction ends (the lock their writes take
+    /// anyway) and reads their columns again, after `prefix` in the same round trip. A
+    /// target altered since it was ensured (a column retyped behind the sink) is ensured
+    /// again, so a binary COPY into it never writes a value in an older type's format,
+    /// which the server may take for something else.
+    async fn check_types(&mut self, targets: &[&TargetTable], prefix: &str) -> Result<()> {
+        let names: Vec<String> = targets.iter().map(|t| t.name.quoted()).collect();
+        let literals: Vec<String> = names.iter().map(|n| quote_literal(n)).collect();
+        let sql = format!(
+            "{prefix}LOCK TABLE {} IN ROW EXCLUSIVE MODE; \
+             SELECT u.n, a.attname::text, format_type(a.atttypid, a.atttypmod) \
+             FROM unnest(ARRAY[{}]) WITH ORDINALITY AS u(n, o) \
+             JOIN pg_attribute a ON a.attrelid = u.n::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY u.o, a.attnum",
+            names.join(", "),
+            literals.join(", ")
+        );
+        let messages = self.client()?.simple_query(&sql).await.context(format!("{}: lock targets", self.describe))?;
+        let mut read: HashMap<&str, Vec<(String, String)>> = HashMap::new();
+        for m in &messages {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = m
+                && let (Some(n), Some(column), Some(pg_type)) = (row.get(0), row.get(1), row.get(2))
+            {
+                read.entry(n).or_default().push((column.to_string(), pg_type.to_string()));
+            }
+        }
+        for (target, name) in targets.iter().zip(&names) {
+            if read.get(name.as_str()) != self.columns.get(&target.name) {
+                tracing::warn!(sink = %self.describe, table = %target.name, "target columns changed behind the sink: reading them again");
+                self.ensure_target(target).await?;
+            }
+            self.checked.insert(target.name.clone());
+        }
+        Ok(())
+    }
+
+    /// A target's columns (name, declared type), in order; none if it does not exist.
+    async fn columns_of(&self, target: &TargetTable) -> Result<Vec<(String, String)>> {
+        let rows = self
+            .client()?
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                &[&target.name.quoted()],
+            )
+            .await
+            .context(format!("{}: describe {}", self.describe, target.name))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// [`Database::ensure_table`]; also run again inside a transaction when a target's
+    /// columns changed behind the sink (see [`Self::check_types`]).
+    async fn ensure_target(&mut self, target: &TargetTable) -> Result<()> {
+        let existing = self.columns_of(target).await?;
+        let client = self.client()?;
+        let name = target.name.quoted();
+        let declared: HashMap<&str, &str> = existing.iter().map(|(c, t)| (c.as_str(), t.as_str())).collect();
+        let mut altered = existing.is_empty();
+        if existing.is_empty() {
+            client
+                .batch_execute(&create_table_sql(target))
+                .await
+                .context(format!("{}: create table {}", self.describe, target.name))?;
+            tracing::info!(sink = %self.describe, table = %target.name, "created target table");
+        } else {
+            for (i, f) in target.schema.fields().iter().enumerate() {
+                let wanted = column_type(f);
+                match declared.get(f.name().as_str()) {
+                    Some(have) if !compatible(have, &wanted) => {
+                        return Err(Error::Fatal(format!(
+                            "sink {}: column {}.{} is {have}, which cannot hold the {wanted} values the mapping produces",
+                            self.describe,
+                            target.name,
+                            f.name()
+                        )));
+                    }
+                    Some(_) => {}
+                    None if target.key.contains(&i) => {
+                        return Err(Error::Fatal(format!(
+                            "sink {}: table {} lacks the key column {}",
+                            self.describe,
+                            target.name,
+                            f.name()
+                        )));
+                    }
+                    None => {
+                        let sql =
+                            format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {wanted}", quote_ident(f.name()));
+                        client
+                            .batch_execute(&sql)
+                            .await
+                            .context(format!("{}: add column to {}", self.describe, target.name))?;
+                        tracing::info!(sink = %self.describe, table = %target.name, column = %f.name(), "added target column");
+                        altered = true;
+                    }
+                }
+            }
+            let keys: Vec<String> = target.key.iter().map(|&k| target.schema.field(k).name().clone()).collect();
+            let unique = client
+                .query_one(
+                    "SELECT count(*) FROM pg_index i WHERE i.indrelid = to_regclass($1) AND i.indisunique \
+                     AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a \
+                          WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) = \
+                         (SELECT array_agg(x ORDER BY x) FROM unnest($2::text[]) x)",
+                    &[&name, &keys],
+                )
+                .await
+                .context(format!("{}: read keys of {}", self.describe, target.name))?;
+            if unique.get::<_, i64>(0) == 0 {
+                return Err(Error::Fatal(format!(
+                    "sink {}: table {} has no primary key or unique index on ({}), which sluice upserts by",
+                    self.describe,
+                    target.name,
+                    keys.join(", ")
+                )));
+            }
+        }
+        // A fresh staging table with the target's current column types.
+        let stage = format!("sluice_stage_{}", self.stages.len() + 1);
+        let stage = self.stages.get(&target.name).cloned().unwrap_or(stage);
+        let sql = format!(
+            "DROP TABLE IF EXISTS pg_temp.{stage}; CREATE TEMP TABLE {stage} ON COMMIT DELETE ROWS AS \
+             SELECT {}, 0::bigint AS {STAGE_PART} FROM {name} WITH NO DATA",
+            all_columns(target).join(", ")
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .context(format!("{}: create staging table for {}", self.describe, target.name))?;
+        // Each column's type as it is declared now.
+        let existing = if altered { self.columns_of(target).await? } else { existing };
+        let declared: HashMap<&str, &str> = existing.iter().map(|(c, t)| (c.as_str(), t.as_str())).collect();
+        let cells = target
+            .schema
+            .fields()
+            .iter()
+            .map(|f| declared.get(f.name().as_str()).and_then(|pg_type| Cell::for_column(pg_type, f.data_type())))
+            .collect();
+        self.stages.insert(target.name.clone(), stage);
+        self.cells.insert(target.name.clone(), cells);
+        self.columns.insert(target.name.clone(), existing);
+        Ok(())
     }
 
     fn stage(&self, target: &TargetTable) -> Result<String> {
@@ -474,6 +628,7 @@ impl Database for PgDatabase {
         self.client = None;
         self.stages.clear();
         self.cells.clear();
+        self.columns.clear();
         self.upsert_only.clear();
         self.store_offsets = None;
         let client = catalog::connect(&self.config, &self.describe).await?;
@@ -516,108 +671,25 @@ impl Database for PgDatabase {
             .collect())
     }
 
-    async fn begin(&mut self) -> Result<()> {
+    async fn begin(&mut self, targets: &[Arc<TargetTable>]) -> Result<()> {
         self.staged = 0;
-        self.exec("BEGIN").await
+        self.checked.clear();
+        // Targets a binary COPY may write into are checked in BEGIN's round trip (any other
+        // is checked before its first COPY).
+        let binary: Vec<&TargetTable> = targets
+            .iter()
+            .filter(|t| self.cells.get(&t.name).is_some_and(|cells| cells.iter().any(Option::is_some)))
+            .map(Arc::as_ref)
+            .collect();
+        if binary.is_empty() {
+            return self.exec("BEGIN").await;
+        }
+        self.check_types(&binary, "BEGIN; ").await
     }
 
     async fn ensure_table(&mut self, target: &Arc<TargetTable>) -> Result<()> {
-        let client = self.client()?;
-        let name = target.name.quoted();
-        let existing = client
-            .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-                &[&name],
-            )
-            .await
-            .context(format!("{}: describe {}", self.describe, target.name))?;
-        let declared: HashMap<String, String> = existing.iter().map(|r| (r.get(0), r.get(1))).collect();
-        // Each column's type as it is declared (as created or added below when missing).
-        let cells = target
-            .schema
-            .fields()
-            .iter()
-            .map(|f| {
-                let pg_type = declared.get(f.name()).cloned().unwrap_or_else(|| column_type(f));
-                Cell::for_column(&pg_type, f.data_type())
-            })
-            .collect();
-        if existing.is_empty() {
-            client
-                .batch_execute(&create_table_sql(target))
-                .await
-                .context(format!("{}: create table {}", self.describe, target.name))?;
-            tracing::info!(sink = %self.describe, table = %target.name, "created target table");
-        } else {
-            for (i, f) in target.schema.fields().iter().enumerate() {
-                let wanted = column_type(f);
-                match declared.get(f.name()) {
-                    Some(have) if !compatible(have, &wanted) => {
-                        return Err(Error::Fatal(format!(
-                            "sink {}: column {}.{} is {have}, which cannot hold the {wanted} values the mapping produces",
-                            self.describe,
-                            target.name,
-                            f.name()
-                        )));
-                    }
-                    Some(_) => {}
-                    None if target.key.contains(&i) => {
-                        return Err(Error::Fatal(format!(
-                            "sink {}: table {} lacks the key column {}",
-                            self.describe,
-                            target.name,
-                            f.name()
-                        )));
-                    }
-                    None => {
-                        let sql =
-                            format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {wanted}", quote_ident(f.name()));
-                        client
-                            .batch_execute(&sql)
-                            .await
-                            .context(format!("{}: add column to {}", self.describe, target.name))?;
-                        tracing::info!(sink = %self.describe, table = %target.name, column = %f.name(), "added target column");
-                    }
-                }
-            }
-            let keys: Vec<String> = target.key.iter().map(|&k| target.schema.field(k).name().clone()).collect();
-            let unique = client
-                .query_one(
-                    "SELECT count(*) FROM pg_index i WHERE i.indrelid = to_regclass($1) AND i.indisunique \
-                     AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a \
-                          WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) = \
-                         (SELECT array_agg(x ORDER BY x) FROM unnest($2::text[]) x)",
-                    &[&name, &keys],
-                )
-                .await
-                .context(format!("{}: read keys of {}", self.describe, target.name))?;
-            if unique.get::<_, i64>(0) == 0 {
-                return Err(Error::Fatal(format!(
-                    "sink {}: table {} has no primary key or unique index on ({}), which sluice upserts by",
-                    self.describe,
-                    target.name,
-                    keys.join(", ")
-                )));
-            }
-        }
-        // A fresh staging table with the target's current column types.
-        let stage = format!("sluice_stage_{}", self.stages.len() + 1);
-        let stage = self.stages.get(&target.name).cloned().unwrap_or(stage);
-        let sql = format!(
-            "DROP TABLE IF EXISTS pg_temp.{stage}; CREATE TEMP TABLE {stage} ON COMMIT DELETE ROWS AS \
-             SELECT {}, 0::bigint AS {STAGE_PART} FROM {name} WITH NO DATA",
-            all_columns(target).join(", ")
-        );
-        client
-            .batch_execute(&sql)
-            .await
-            .context(format!("{}: create staging table for {}", self.describe, target.name))?;
-        self.stages.insert(target.name.clone(), stage);
-        self.cells.insert(target.name.clone(), cells);
-        Ok(())
+        self.ensure_target(target).await
     }
-
     async fn apply(&mut self, target: &TargetTable, op: PartOp<'_>, part: &Part) -> Result<()> {
         let stage = self.stage(target)?;
         let mut rest = std::borrow::Cow::Borrowed(part);
