@@ -273,24 +273,22 @@ impl<D: Database> Sink for DbSink<D> {
             }
         }
         let steps = reduce(&items)?;
-        let mut dead = None;
-        if !self.in_txn {
+        let dead = if self.in_txn {
+            self.apply_steps(&steps, true).await?
+        } else {
             // The first write of a transaction: unguarded, retried guarded if rejected.
             self.begin(&targets).await?;
             match self.apply_steps(&steps, false).await {
-                Ok(letters) => dead = Some(letters),
+                Ok(dead) => dead,
                 Err(error) if error.disposition() == Disposition::DeadLetter => {
                     tracing::info!(sink = %self.name, error = %error.chain(), "a part was rejected: applying the unit again part by part");
                     self.db.rollback().await?;
                     self.in_txn = false;
                     self.begin(&targets).await?;
+                    self.apply_steps(&steps, true).await?
                 }
                 Err(error) => return Err(error),
             }
-        }
-        let dead = match dead {
-            Some(dead) => dead,
-            None => self.apply_steps(&steps, true).await?,
         };
         self.applied(&steps);
         if !dead.is_empty() {

@@ -292,7 +292,7 @@ impl PgDatabase {
         rows: &RecordBatch,
         stage_parts: Option<ArrayRef>,
     ) -> Result<()> {
-        if stage_parts.is_none() && !self.checked.contains(&target.name) && self.cells.contains_key(&target.name) {
+        if stage_parts.is_none() && !self.checked.contains(&target.name) && self.binary(target) {
             self.check_types(&[target], "").await?;
         }
         let mut names: Vec<String> = columns.iter().map(|&i| quote_ident(target.schema.field(i).name())).collect();
@@ -382,27 +382,10 @@ impl PgDatabase {
     /// which the server may take for something else.
     async fn check_types(&mut self, targets: &[&TargetTable], prefix: &str) -> Result<()> {
         let names: Vec<String> = targets.iter().map(|t| t.name.quoted()).collect();
-        let literals: Vec<String> = names.iter().map(|n| quote_literal(n)).collect();
-        let sql = format!(
-            "{prefix}LOCK TABLE {} IN ROW EXCLUSIVE MODE; \
-             SELECT u.n, a.attname::text, format_type(a.atttypid, a.atttypmod) \
-             FROM unnest(ARRAY[{}]) WITH ORDINALITY AS u(n, o) \
-             JOIN pg_attribute a ON a.attrelid = u.n::regclass AND a.attnum > 0 AND NOT a.attisdropped \
-             ORDER BY u.o, a.attnum",
-            names.join(", "),
-            literals.join(", ")
-        );
-        let messages = self.client()?.simple_query(&sql).await.context(format!("{}: lock targets", self.describe))?;
-        let mut read: HashMap<&str, Vec<(String, String)>> = HashMap::new();
-        for m in &messages {
-            if let tokio_postgres::SimpleQueryMessage::Row(row) = m
-                && let (Some(n), Some(column), Some(pg_type)) = (row.get(0), row.get(1), row.get(2))
-            {
-                read.entry(n).or_default().push((column.to_string(), pg_type.to_string()));
-            }
-        }
+        let lock = format!("{prefix}LOCK TABLE {} IN ROW EXCLUSIVE MODE; ", names.join(", "));
+        let mut read = self.read_columns(&lock, targets).await?;
         for (target, name) in targets.iter().zip(&names) {
-            if read.get(name.as_str()) != self.columns.get(&target.name) {
+            if read.remove(name).as_ref() != self.columns.get(&target.name) {
                 tracing::warn!(sink = %self.describe, table = %target.name, "target columns changed behind the sink: reading them again");
                 self.ensure_target(target).await?;
             }
@@ -411,18 +394,44 @@ impl PgDatabase {
         Ok(())
     }
 
+    /// The columns (name, declared type), in order, of each of `targets` that exists, by
+    /// quoted name, read after `prefix` in the same round trip. The one reading of target
+    /// columns: what [`Self::check_types`] compares was stored from it.
+    async fn read_columns(
+        &self,
+        prefix: &str,
+        targets: &[&TargetTable],
+    ) -> Result<HashMap<String, Vec<(String, String)>>> {
+        let names: Vec<String> = targets.iter().map(|t| t.name.quoted()).collect();
+        let literals: Vec<String> = names.iter().map(|n| quote_literal(n)).collect();
+        let sql = format!(
+            "{prefix}SELECT u.n, a.attname::text, format_type(a.atttypid, a.atttypmod) \
+             FROM unnest(ARRAY[{}]::text[]) WITH ORDINALITY AS u(n, o) \
+             JOIN pg_attribute a ON a.attrelid = to_regclass(u.n) AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY u.o, a.attnum",
+            literals.join(", ")
+        );
+        let context = || format!("{}: read the columns of {}", self.describe, names.join(", "));
+        let messages = self.client()?.simple_query(&sql).await.context(context())?;
+        let mut read: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for m in &messages {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = m
+                && let (Some(n), Some(column), Some(pg_type)) = (row.get(0), row.get(1), row.get(2))
+            {
+                read.entry(n.to_string()).or_default().push((column.to_string(), pg_type.to_string()));
+            }
+        }
+        Ok(read)
+    }
+
     /// A target's columns (name, declared type), in order; none if it does not exist.
     async fn columns_of(&self, target: &TargetTable) -> Result<Vec<(String, String)>> {
-        let rows = self
-            .client()?
-            .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-                &[&target.name.quoted()],
-            )
-            .await
-            .context(format!("{}: describe {}", self.describe, target.name))?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(self.read_columns("", &[target]).await?.remove(&target.name.quoted()).unwrap_or_default())
+    }
+
+    /// Whether a COPY into `target` may be binary (some column has a binary form).
+    fn binary(&self, target: &TargetTable) -> bool {
+        self.cells.get(&target.name).is_some_and(|cells| cells.iter().any(Option::is_some))
     }
 
     /// [`Database::ensure_table`]; also run again inside a transaction when a target's
@@ -676,11 +685,7 @@ impl Database for PgDatabase {
         self.checked.clear();
         // Targets a binary COPY may write into are checked in BEGIN's round trip (any other
         // is checked before its first COPY).
-        let binary: Vec<&TargetTable> = targets
-            .iter()
-            .filter(|t| self.cells.get(&t.name).is_some_and(|cells| cells.iter().any(Option::is_some)))
-            .map(Arc::as_ref)
-            .collect();
+        let binary: Vec<&TargetTable> = targets.iter().map(Arc::as_ref).filter(|t| self.binary(t)).collect();
         if binary.is_empty() {
             return self.exec("BEGIN").await;
         }
@@ -690,6 +695,7 @@ impl Database for PgDatabase {
     async fn ensure_table(&mut self, target: &Arc<TargetTable>) -> Result<()> {
         self.ensure_target(target).await
     }
+
     async fn apply(&mut self, target: &TargetTable, op: PartOp<'_>, part: &Part) -> Result<()> {
         let stage = self.stage(target)?;
         let mut rest = std::borrow::Cow::Borrowed(part);
