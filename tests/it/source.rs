@@ -330,6 +330,40 @@ async fn a_restart_resumes_from_the_acknowledged_position_losing_nothing() {
     second.stop().await.expect("stop");
 }
 
+/// A rewind asked for before the stream begins (a sink restarted between the snapshot's
+/// end and the first streamed change) is announced like one asked for mid-stream: the
+/// fan-out forwards nothing more to that sink until it hears `Rewound`.
+#[tokio::test]
+async fn a_rewind_asked_before_streaming_is_announced() {
+    let db = PgDb::create("rewind_early").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let capture =
+        Capture::start(options(&db.url, &db.name, &["public.t"], SnapshotMode::Never), None, Faults::default(), true);
+    // The source task has not run yet: the request is pending when its stream begins.
+    capture.rewind();
+    wait_until("the early rewind is announced", T, || async { capture.rewounds() == 1 }).await;
+    for i in 1..=3 {
+        db.exec(&format!("INSERT INTO t VALUES ({i})")).await;
+    }
+    capture.wait_changes(3, T).await;
+    capture.rewind();
+    wait_until("the mid-stream rewind is announced", T, || async { capture.rewounds() == 2 }).await;
+    db.exec("INSERT INTO t VALUES (4)").await;
+    wait_until("every row after the rewinds", T, || async {
+        let ids: std::collections::BTreeSet<i32> = capture
+            .changes()
+            .iter()
+            .filter_map(|c| match c.after.as_ref()?[0] {
+                Value::Int4(i) => Some(i),
+                _ => None,
+            })
+            .collect();
+        ids == (1..=4).collect()
+    })
+    .await;
+    capture.stop().await.expect("stop");
+}
+
 /// The slot's confirmed_flush_lsn (named after the database); 0 while it is missing or
 /// still being created.
 async fn slot_confirmed(db: &PgDb) -> u64 {

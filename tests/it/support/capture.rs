@@ -32,8 +32,8 @@ pub struct Capture {
     pub events: Arc<Mutex<Vec<Event>>>,
     pub confirm: Arc<watch::Sender<u64>>,
     pub stop: watch::Sender<bool>,
-    /// Held so that the source's rewind channel stays open.
-    _rewind: watch::Sender<u64>,
+    /// The source's rewind channel (held so that it stays open).
+    rewind: watch::Sender<u64>,
     pub task: tokio::task::JoinHandle<sluice_actors::error::Result<()>>,
     collector: tokio::task::JoinHandle<()>,
 }
@@ -69,7 +69,17 @@ impl Capture {
                 }
             })
         };
-        Capture { events, confirm, stop: stop_tx, _rewind: rewind_tx, task, collector }
+        Capture { events, confirm, stop: stop_tx, rewind: rewind_tx, task, collector }
+    }
+
+    /// Asks the source to rewind to its confirmed position, as a restarted sink does.
+    pub fn rewind(&self) {
+        self.rewind.send_modify(|n| *n += 1);
+    }
+
+    /// How many times the source announced a rewind.
+    pub fn rewounds(&self) -> usize {
+        self.events.lock().expect("events").iter().filter(|e| matches!(e, Event::Rewound)).count()
     }
 
     /// Every change received so far, in order.
