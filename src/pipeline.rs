@@ -26,7 +26,7 @@ use sluice_actors::mapper::plan::{self, MappingStatement};
 use sluice_actors::mapper::{self, Mapper, Mapping, SinkEvent};
 use sluice_actors::message::{Ack, Checkpoint, Event, Position, StreamOffset};
 use sluice_actors::schema::TableId;
-use sluice_actors::sink::parquet::{ParquetOptions, S3Options, open_store};
+use sluice_actors::sink::parquet::{ParquetOptions, S3Options, open_store, part_bytes};
 use sluice_actors::sink::{self, AnySink, Sink, SinkSpec, WriterOptions};
 use sluice_actors::source::snapshot::SnapshotOptions;
 use sluice_actors::source::wal::WalOptions;
@@ -118,6 +118,7 @@ pub fn sink_plans(config: &Config, base: &Path) -> anyhow::Result<Vec<SinkPlan>>
                     let options = ParquetOptions {
                         store,
                         prefix,
+                        part_bytes: part_bytes(&path),
                         rotate_rows: s.rotate_rows.unwrap_or(crate::config::DEFAULT_ROTATE_ROWS),
                         rotate_secs: s.rotate_secs.unwrap_or(crate::config::DEFAULT_ROTATE_SECS),
                     };

@@ -114,7 +114,13 @@ impl Target {
             Target::Lake(dir) => {
                 let (store, prefix) =
                     open_store(dir.path().to_str().expect("path"), &S3Options::default()).expect("store");
-                SinkSpec::Parquet(ParquetOptions { store, prefix, rotate_rows: 1_000_000, rotate_secs: 3600 })
+                SinkSpec::Parquet(ParquetOptions {
+                    store,
+                    prefix,
+                    part_bytes: 1 << 20,
+                    rotate_rows: 1_000_000,
+                    rotate_secs: 3600,
+                })
             }
         }
     }
@@ -427,7 +433,8 @@ async fn snapshot_rows_are_copied_into_the_postgres_target_and_upserted_where_ke
 async fn parquet_files_rotate_by_rows_into_hive_folders() {
     let dir = TempDir::new("rotate");
     let (store, prefix) = open_store(dir.path().to_str().expect("path"), &S3Options::default()).expect("store");
-    let spec = SinkSpec::Parquet(ParquetOptions { store, prefix, rotate_rows: 2, rotate_secs: 3600 });
+    let spec =
+        SinkSpec::Parquet(ParquetOptions { store, prefix, part_bytes: 1 << 20, rotate_rows: 2, rotate_secs: 3600 });
     let mut sink = spec.build("lake").expect("sink");
     sink.open().await.expect("open");
     sink.write(items(unit1()).await).await.expect("write");
@@ -474,6 +481,59 @@ async fn parquet_files_rotate_by_rows_into_hive_folders() {
     let files = lake_files(dir.path());
     assert!(!files.iter().any(|f| f == late), "late file removed: {files:?}");
     assert_eq!(files.iter().filter(|f| f.ends_with(".parquet")).count(), 3, "{files:?}");
+}
+
+/// A file that outgrows one upload part is streamed into a partial object and renamed to
+/// its final name at the flush; a crash in the middle of one leaves no visible file.
+#[tokio::test]
+async fn a_parquet_file_larger_than_a_part_is_streamed_then_renamed() {
+    let dir = TempDir::new("stream");
+    let (store, prefix) = open_store(dir.path().to_str().expect("path"), &S3Options::default()).expect("store");
+    let spec = SinkSpec::Parquet(ParquetOptions {
+        store,
+        prefix,
+        part_bytes: 4096,
+        rotate_rows: 1_000_000,
+        rotate_secs: 3600,
+    });
+    // 10,000 rows a unit: a row group (8,192 rows) is written out during the first.
+    let unit = |lsn: u64, first: i64| {
+        let changes = (0..10_000)
+            .map(|i| {
+                let id = first + i;
+                let bio = Value::Text(format!("bio {id} {}", id.wrapping_mul(2_654_435_761) % 1_000_003));
+                change(Op::Insert, lsn, i as u64 + 1, None, Some(row(id, "n", "1.00", bio)))
+            })
+            .collect();
+        items(changes)
+    };
+    let mut sink = spec.build("lake").expect("sink");
+    sink.open().await.expect("open");
+    for (k, lsn) in [10, 20, 30].into_iter().enumerate() {
+        sink.write(unit(lsn, k as i64 * 10_000).await).await.expect("write");
+        assert!(sink.commit(&cp(lsn), cp(lsn).stream_offsets(STREAM)).await.expect("commit").is_empty());
+    }
+    let files = lake_files(dir.path());
+    assert!(files.iter().any(|f| f.contains("/_partial-0000000000-")), "streaming before its flush: {files:?}");
+    assert!(!files.iter().any(|f| f.ends_with(".parquet")), "nothing visible before the flush: {files:?}");
+    assert_eq!(sink.tick(true).await.expect("flush"), vec![cp(10), cp(20), cp(30)]);
+    let files = lake_files(dir.path());
+    assert!(!files.iter().any(|f| f.contains("_partial")), "{files:?}");
+    let data: Vec<&String> = files.iter().filter(|f| f.ends_with(".parquet")).collect();
+    assert_eq!(data.len(), 1, "{files:?}");
+    assert!(data[0].contains("-A_1-1E_2710-"), "the name carries the position range: {files:?}");
+    let ids: std::collections::BTreeSet<i64> = lake_rows(dir.path()).iter().map(|r| r.id).collect();
+    assert_eq!(ids, (0..30_000).collect());
+
+    // A crash while a file streams: nothing of it is visible after the next open.
+    let mut again = spec.build("lake").expect("sink");
+    again.open().await.expect("open");
+    again.write(unit(40, 30_000).await).await.expect("write");
+    assert!(lake_files(dir.path()).iter().any(|f| f.contains("/_partial-0000000001-")));
+    drop(again);
+    let mut third = spec.build("lake").expect("sink");
+    assert_eq!(sluice::pipeline::position_of(&third.open().await.expect("open"), STREAM), Some(Position::txn_end(30)));
+    assert_eq!(lake_rows(dir.path()).len(), 30_000);
 }
 
 /// Every file under `root`, relative, sorted.

@@ -7,8 +7,8 @@
 //! <root>/_sluice/commit-<flush>.json          offsets durable after flush <flush>
 //! ```
 //!
-//! Exactly once across crashes: rows accumulate in in-memory Parquet writers (compressed)
-//! and nothing is acknowledged until a *flush* made them durable. A flush puts every file
+//! Exactly once across crashes: rows accumulate in Parquet writers (compressed) and
+//! nothing is acknowledged until a *flush* made them durable. A flush puts every file
 //! (each put is atomic), then the commit marker naming the offsets it covers; a flush is
 //! committed exactly when its marker exists. Files are also put early, under the number
 //! of the flush to come, whenever the open writers hold `rotate_rows` or
@@ -17,6 +17,16 @@
 //! flushes are deleted, so the replay that follows rewrites their rows once. Flushes
 //! happen on `rotate_rows`, on `rotate_secs` (checked every second), at the end of a
 //! snapshot and on a graceful stop.
+//!
+//! A file's bytes are held in memory until they reach one upload part (`part_bytes`: 5
+//! MiB on S3, its smallest part, 1 MiB on a local folder); a larger file is streamed
+//! from then on, part by part, into a multipart upload of a *partial* object
+//! (`table=<t>/date=<d>/_partial-<flush>-<n>.parquet`, a name that Hive-style readers
+//! skip), which becomes visible once complete and is renamed to its final name (the
+//! position range is known only at its end) before the flush's marker. A partial object
+//! carries its flush's number, so one left by a crash is deleted on open like any file of
+//! an interrupted flush. Memory per file is then a part or two and the row group in
+//! progress, whatever the file's size.
 //!
 //! Every row carries `_op`, `_commit_lsn`, `_seq`, `_commit_ts`, and `_unchanged` (the
 //! columns an update left unchanged because the source did not resend them, written NULL).
@@ -31,7 +41,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -51,6 +61,9 @@ pub struct ParquetOptions {
     pub store: Arc<dyn ObjectStore>,
     /// Key prefix inside the store ("" for the root).
     pub prefix: String,
+    /// Bytes of a file held before it is streamed, and of each part streamed: see
+    /// [`part_bytes`].
+    pub part_bytes: usize,
     pub rotate_rows: usize,
     pub rotate_secs: u64,
 }
@@ -81,6 +94,12 @@ pub fn open_store(path: &str, s3: &S3Options) -> Result<(Arc<dyn ObjectStore>, S
     Ok((Arc::new(store), String::new()))
 }
 
+/// The upload part size for a sink `path`: 5 MiB on S3 (the smallest part it takes but
+/// the last), 1 MiB on a local folder.
+pub fn part_bytes(path: &str) -> usize {
+    if path.starts_with("s3://") { 5 << 20 } else { 1 << 20 }
+}
+
 /// Object-store settings for `s3://` paths (the names object_store uses).
 #[derive(Debug, Clone, Default)]
 pub struct S3Options {
@@ -94,19 +113,19 @@ struct OpenFile {
     table: TableId,
     date: String,
     target: Arc<TargetTable>,
-    writer: ArrowWriter<Chunks>,
+    writer: ArrowWriter<FileBytes>,
     first: Position,
     last: Position,
 }
 
 struct Finished {
     path: String,
-    bytes: PutPayload,
+    bytes: FileBytes,
 }
 
-/// File data held in memory before the files are put early (like `rotate_rows`): bounds
-/// the sink's memory whatever the row size. The row group in progress counts too.
-/// Measured on the benchmark's `users` rows of about 1 KB: files of about 40,000 rows.
+/// File data held in memory, by all open files together, before the files are put early
+/// (like `rotate_rows`): bounds the sink's memory whatever the row size and the number of
+/// tables. Row groups in progress count too; bytes already streamed do not.
 const MAX_HELD_BYTES: usize = 16 << 20;
 
 /// A row group is closed early when its column writers hold this much (wide rows), else
@@ -143,11 +162,62 @@ impl std::io::Write for Chunks {
 }
 
 impl Chunks {
-    fn into_payload(mut self) -> PutPayload {
+    fn len(&self) -> usize {
+        self.done.iter().map(bytes::Bytes::len).sum::<usize>() + self.current.len()
+    }
+
+    fn into_pieces(mut self) -> Vec<bytes::Bytes> {
         if !self.current.is_empty() {
             self.done.push(self.current.into());
         }
-        self.done.into_iter().collect()
+        self.done
+    }
+}
+
+/// Where a file's bytes go: held in memory, or streamed into the multipart upload of its
+/// partial object (`written`: bytes given to the upload so far).
+enum FileBytes {
+    Held(Chunks),
+    Streamed { upload: WriteMultipart, partial: Path, written: usize, part_bytes: usize },
+}
+
+impl FileBytes {
+    /// Bytes in memory: held, or buffered towards the next part.
+    fn held(&self) -> usize {
+        match self {
+            FileBytes::Held(chunks) => chunks.len(),
+            FileBytes::Streamed { written, part_bytes, .. } => written % part_bytes,
+        }
+    }
+}
+
+/// The upload of a streaming file, taken out of it (the file is left empty and held).
+fn take_upload(bytes: &mut FileBytes) -> Option<WriteMultipart> {
+    match std::mem::replace(bytes, FileBytes::Held(Chunks::default())) {
+        FileBytes::Streamed { upload, .. } => Some(upload),
+        held => {
+            *bytes = held;
+            None
+        }
+    }
+}
+
+impl std::io::Write for FileBytes {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            FileBytes::Held(chunks) => chunks.write(buf),
+            FileBytes::Streamed { upload, written, .. } => {
+                // Starts an upload of each part as it fills (a task): the sink waits for
+                // them after each write (see `ParquetSink::stream_large_files`).
+                upload.write(buf);
+                *written += buf.len();
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -189,10 +259,11 @@ fn position_text(p: Position) -> String {
     format!("{:X}_{:X}", p.lsn, p.seq)
 }
 
-/// The flush number in a file or marker name (`part-0000000012-...`, `commit-0000000012.json`).
+/// The flush number in a file or marker name (`part-0000000012-...`, `commit-0000000012.json`,
+/// `_partial-0000000012-...`).
 fn flush_of(name: &str) -> Option<u64> {
     let file = name.rsplit('/').next()?;
-    let rest = file.strip_prefix("part-").or_else(|| file.strip_prefix("commit-"))?;
+    let rest = ["part-", "commit-", "_partial-"].iter().find_map(|p| file.strip_prefix(p))?;
     rest.split(['-', '.']).next()?.parse().ok()
 }
 
@@ -285,8 +356,43 @@ impl ParquetSink {
             position_text(file.first),
             position_text(file.last)
         );
-        let chunks = file.writer.into_inner().context(format!("finish parquet file for {}", file.table))?;
-        self.finished.push(Finished { path, bytes: chunks.into_payload() });
+        let bytes = file.writer.into_inner().context(format!("finish parquet file for {}", file.table))?;
+        self.finished.push(Finished { path, bytes });
+        Ok(())
+    }
+
+    /// Open files that outgrew one part start streaming into a partial object; then
+    /// waits until each streaming file has at most one part in flight (memory stays a
+    /// part or two per file).
+    async fn stream_large_files(&mut self) -> Result<()> {
+        for i in 0..self.open.len() {
+            let held = match self.open[i].writer.inner_mut() {
+                FileBytes::Held(chunks) if chunks.len() >= self.options.part_bytes => std::mem::take(chunks),
+                FileBytes::Held(_) => continue,
+                FileBytes::Streamed { upload, partial, .. } => {
+                    upload.wait_for_capacity(2).await.context(format!("upload part of {partial}"))?;
+                    continue;
+                }
+            };
+            let n = self.parts;
+            self.parts += 1;
+            let file = &self.open[i];
+            let partial = self.path(&format!(
+                "table={}/date={}/_partial-{:010}-{n}.parquet",
+                table_folder(&file.table),
+                file.date,
+                self.flush
+            ));
+            let start =
+                self.options.store.put_multipart(&partial).await.context(format!("start upload of {partial}"))?;
+            let mut upload = WriteMultipart::new_with_chunk_size(start, self.options.part_bytes);
+            let written = held.len();
+            for piece in held.into_pieces() {
+                upload.put(piece);
+            }
+            *self.open[i].writer.inner_mut() =
+                FileBytes::Streamed { upload, partial, written, part_bytes: self.options.part_bytes };
+        }
         Ok(())
     }
 
@@ -372,8 +478,9 @@ impl ParquetSink {
             let i = match at {
                 Some(i) => i,
                 None => {
-                    let writer = ArrowWriter::try_new(Chunks::default(), schema.clone(), Some(props()))
-                        .context("open parquet writer")?;
+                    let writer =
+                        ArrowWriter::try_new(FileBytes::Held(Chunks::default()), schema.clone(), Some(props()))
+                            .context("open parquet writer")?;
                     self.open.push(OpenFile {
                         table: target.name.clone(),
                         date,
@@ -406,7 +513,14 @@ impl ParquetSink {
                 self.options.store.delete(&path).await.context(format!("delete {path}"))?;
             }
         }
-        self.open.retain(|f| !targets.iter().any(|t| t.name == f.table));
+        let (dropped, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.open).into_iter().partition(|f| targets.iter().any(|t| t.name == f.table));
+        self.open = kept;
+        for mut file in dropped {
+            if let Some(upload) = take_upload(file.writer.inner_mut()) {
+                let _ = upload.abort().await;
+            }
+        }
         let forgotten =
             |path: &str| targets.iter().any(|t| path.starts_with(&format!("table={}/", table_folder(&t.name))));
         self.finished.retain(|f| !forgotten(&f.path));
@@ -436,19 +550,18 @@ impl ParquetSink {
             self.finish_file(file)?;
         }
         for f in std::mem::take(&mut self.finished) {
-            let path = self.path(&f.path);
-            self.options.store.put(&path, f.bytes).await.context(format!("put {path}"))?;
+            put_file(&self.options.store, &self.path(&f.path), f.bytes).await?;
             self.spilled.push(f.path);
         }
         self.open_rows = 0;
         Ok(())
     }
 
-    /// Bytes of file data in memory: open files (written row groups and the one in
-    /// progress) and finished files not put yet.
+    /// Bytes of file data in memory: open files (written row groups not streamed yet and
+    /// the one in progress) and finished files not put yet.
     fn held_bytes(&self) -> usize {
-        let open: usize = self.open.iter().map(|f| f.writer.bytes_written() + f.writer.memory_size()).sum();
-        open + self.finished.iter().map(|f| f.bytes.content_length()).sum::<usize>()
+        let open: usize = self.open.iter().map(|f| f.writer.inner().held() + f.writer.memory_size()).sum();
+        open + self.finished.iter().map(|f| f.bytes.held()).sum::<usize>()
     }
 
     fn due(&self) -> bool {
@@ -513,6 +626,37 @@ impl ParquetSink {
         self.oldest = None;
         Ok(durable)
     }
+}
+
+impl Drop for ParquetSink {
+    /// Aborts the uploads of files still streaming (a writer restart drops its sink), so
+    /// they leave nothing behind: best effort, on the runtime the sink ran on.
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let files =
+            self.open.iter_mut().map(|f| f.writer.inner_mut()).chain(self.finished.iter_mut().map(|f| &mut f.bytes));
+        for upload in files.filter_map(take_upload) {
+            runtime.spawn(async move {
+                let _ = upload.abort().await;
+            });
+        }
+    }
+}
+
+/// Makes a finished file an object at `path`: one put of its bytes, or the end of its
+/// upload and a rename. (A free function, like [`newest_commit`].)
+async fn put_file(store: &Arc<dyn ObjectStore>, path: &Path, bytes: FileBytes) -> Result<()> {
+    match bytes {
+        FileBytes::Held(chunks) => {
+            let payload: PutPayload = chunks.into_pieces().into_iter().collect();
+            store.put(path, payload).await.context(format!("put {path}"))?;
+        }
+        FileBytes::Streamed { upload, partial, .. } => {
+            upload.finish().await.context(format!("complete upload of {partial}"))?;
+            store.rename(&partial, path).await.context(format!("rename {partial} to {path}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Every object under `prefix`.
@@ -611,7 +755,7 @@ impl Sink for ParquetSink {
         if self.open_rows >= self.options.rotate_rows || self.held_bytes() >= MAX_HELD_BYTES {
             self.spill().await?;
         }
-        Ok(())
+        self.stream_large_files().await
     }
 
     async fn commit(&mut self, checkpoint: &Checkpoint, offsets: Vec<StreamOffset>) -> Result<Vec<Checkpoint>> {
@@ -662,10 +806,11 @@ mod tests {
         for piece in data.chunks(70_001) {
             chunks.write_all(piece).expect("write");
         }
-        let payload = chunks.into_payload();
-        let joined: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(chunks.len(), data.len());
+        let pieces = chunks.into_pieces();
+        let joined: Vec<u8> = pieces.iter().flat_map(|b| b.iter().copied()).collect();
         assert_eq!(joined, data);
-        assert!(payload.iter().all(|b| b.len() <= CHUNK_BYTES));
+        assert!(pieces.iter().all(|b| b.len() <= CHUNK_BYTES));
     }
 
     #[test]
@@ -673,6 +818,7 @@ mod tests {
         assert_eq!(flush_of("x/table=users/date=2024-01-01/part-0000000012-0_1-0_9-0.parquet"), Some(12));
         assert_eq!(flush_of("_sluice/commit-0000000003.json"), Some(3));
         assert_eq!(flush_of("_dead_letter/part-0000000004.jsonl"), Some(4));
+        assert_eq!(flush_of("table=users/date=2024-01-01/_partial-0000000005-3.parquet"), Some(5));
         assert_eq!(flush_of("other.txt"), None);
     }
 }

@@ -19,7 +19,7 @@ use sluice_actors::mailbox::{Sender, mailbox};
 use sluice_actors::mapper::{self, Mapper, Mapping, SinkEvent, plan};
 use sluice_actors::message::{Change, ChangeBatch, Checkpoint, Event, Op, Position, Row};
 use sluice_actors::schema::{Column, PgType, ReplicaIdentity, TableId, TableSchema};
-use sluice_actors::sink::parquet::{ParquetOptions, S3Options, open_store};
+use sluice_actors::sink::parquet::{ParquetOptions, S3Options, open_store, part_bytes};
 use sluice_actors::sink::{self, Sink, SinkSpec, WriterOptions};
 use sluice_actors::value::Value;
 use tokio::sync::watch;
@@ -257,8 +257,16 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<SinkFigures> {
             "parquet" => {
                 let lake = bench.dir.join("lake");
                 let _ = std::fs::remove_dir_all(&lake);
-                let (store, prefix) = open_store(&lake.to_string_lossy(), &S3Options::default())?;
-                SinkSpec::Parquet(ParquetOptions { store, prefix, rotate_rows: PARQUET_ROTATE_ROWS, rotate_secs: 60 })
+                let path = lake.to_string_lossy();
+                let (store, prefix) = open_store(&path, &S3Options::default())?;
+                let part_bytes = part_bytes(&path);
+                SinkSpec::Parquet(ParquetOptions {
+                    store,
+                    prefix,
+                    part_bytes,
+                    rotate_rows: PARQUET_ROTATE_ROWS,
+                    rotate_secs: 60,
+                })
             }
             other => anyhow::bail!("--sink-kinds: unknown sink kind {other:?} (postgres, mysql, parquet)"),
         };
