@@ -149,8 +149,17 @@ pub fn format_timestamp(micros: i64, separator: char) -> String {
 
 /// Formats a UUID in its canonical hyphenated form.
 pub fn format_uuid(uuid: u128) -> String {
-    let h = format!("{uuid:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    // By hand, one allocation: the two `format!`s this replaces were 2.3% of the daemon's
+    // CPU in a catch-up of the load generator's tables (a uuid column in every row).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(36);
+    for i in 0..32 {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            text.push('-');
+        }
+        text.push(HEX[((uuid >> (124 - 4 * i)) & 0xf) as usize] as char);
+    }
+    text
 }
 
 /// Parses a hyphenated or plain hex UUID.
@@ -197,6 +206,9 @@ mod tests {
         let s = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
         let u = parse_uuid(s).unwrap();
         assert_eq!(format_uuid(u), s);
+        assert_eq!(format_uuid(0), "00000000-0000-0000-0000-000000000000");
+        assert_eq!(format_uuid(u128::MAX), "ffffffff-ffff-ffff-ffff-ffffffffffff");
+        assert_eq!(format_uuid(0x0123_4567_89ab_cdef_0011_2233_4455_6677), "01234567-89ab-cdef-0011-223344556677");
         assert_eq!(parse_uuid("xyz"), None);
         assert_eq!(parse_uuid("a0eebc99"), None);
     }
