@@ -350,14 +350,8 @@ async fn a_rewind_asked_before_streaming_is_announced() {
     wait_until("the mid-stream rewind is announced", T, || async { capture.rewounds() == 2 }).await;
     db.exec("INSERT INTO t VALUES (4)").await;
     wait_until("every row after the rewinds", T, || async {
-        let ids: std::collections::BTreeSet<i32> = capture
-            .changes()
-            .iter()
-            .filter_map(|c| match c.after.as_ref()?[0] {
-                Value::Int4(i) => Some(i),
-                _ => None,
-            })
-            .collect();
+        let changes = capture.changes();
+        let ids: std::collections::BTreeSet<i32> = by_id(&changes).into_keys().collect();
         ids == (1..=4).collect()
     })
     .await;

@@ -178,15 +178,15 @@ impl Chunks {
 /// partial object (`written`: bytes given to the upload so far).
 enum FileBytes {
     Held(Chunks),
-    Streamed { upload: WriteMultipart, partial: Path, written: usize, part_bytes: usize },
+    Streamed { upload: WriteMultipart, partial: Path, written: usize },
 }
 
 impl FileBytes {
-    /// Bytes in memory: held, or buffered towards the next part.
-    fn held(&self) -> usize {
+    /// Bytes in memory: held, or buffered towards the next part of `part_bytes`.
+    fn held(&self, part_bytes: usize) -> usize {
         match self {
             FileBytes::Held(chunks) => chunks.len(),
-            FileBytes::Streamed { written, part_bytes, .. } => written % part_bytes,
+            FileBytes::Streamed { written, .. } => written % part_bytes,
         }
     }
 }
@@ -390,8 +390,7 @@ impl ParquetSink {
             for piece in held.into_pieces() {
                 upload.put(piece);
             }
-            *self.open[i].writer.inner_mut() =
-                FileBytes::Streamed { upload, partial, written, part_bytes: self.options.part_bytes };
+            *self.open[i].writer.inner_mut() = FileBytes::Streamed { upload, partial, written };
         }
         Ok(())
     }
@@ -560,8 +559,9 @@ impl ParquetSink {
     /// Bytes of file data in memory: open files (written row groups not streamed yet and
     /// the one in progress) and finished files not put yet.
     fn held_bytes(&self) -> usize {
-        let open: usize = self.open.iter().map(|f| f.writer.inner().held() + f.writer.memory_size()).sum();
-        open + self.finished.iter().map(|f| f.bytes.held()).sum::<usize>()
+        let part = self.options.part_bytes;
+        let open: usize = self.open.iter().map(|f| f.writer.inner().held(part) + f.writer.memory_size()).sum();
+        open + self.finished.iter().map(|f| f.bytes.held(part)).sum::<usize>()
     }
 
     fn due(&self) -> bool {
