@@ -31,7 +31,7 @@ use sluice_actors::sink::{self, AnySink, Sink, SinkSpec, WriterOptions};
 use sluice_actors::source::snapshot::SnapshotOptions;
 use sluice_actors::source::wal::WalOptions;
 use sluice_actors::source::{self, PgSourceOptions, SourceLinks};
-use sluice_actors::supervisor::{Child, Group, RestartSpec, SharedStatus};
+use sluice_actors::supervisor::{ActorThread, Child, Group, RestartSpec, SharedStatus};
 use sluice_actors::transport::direct::{self, FanoutControl, FanoutLinks};
 use sluice_actors::transport::kafka::consumer::{self, ConsumerOptions, OffsetsReader};
 use sluice_actors::transport::kafka::producer::{self, ProducerOptions};
@@ -271,8 +271,8 @@ pub fn assemble(config: &Config, base: &Path, faults: Faults, status: SharedStat
             let stop_rx = stop_rx.clone();
             let slot = slot.clone();
             Box::pin(async move {
-                let mut sink = plan.spec.build(&plan.name)?;
-                let held = position_of(&sink.open().await?, &slot);
+                let (sink, offsets, thread) = open_sink(&plan).await?;
+                let held = position_of(&offsets, &slot);
                 let durable = held.unwrap_or(Position::START);
                 let (to_mapper, mapper_in) =
                     mailbox::<Event>(format!("{}.mapper", plan.name), "fanout->mapper", mailbox_rows);
@@ -300,7 +300,7 @@ pub fn assemble(config: &Config, base: &Path, faults: Faults, status: SharedStat
                 let on_commit = move |checkpoint| {
                     let _ = ack_tx.send(Ack { downstream: index, checkpoint });
                 };
-                let tail = SinkTail { sink, options, mapper_in, to_writer, writer_in };
+                let tail = SinkTail { sink, thread, options, mapper_in, to_writer, writer_in };
                 let [mapper, writer] = mapper_and_writer(&plan, tail, on_commit, stop_rx, faults);
                 Ok(vec![
                     mapper,
@@ -321,9 +321,25 @@ pub fn assemble(config: &Config, base: &Path, faults: Faults, status: SharedStat
     Ok(Pipeline { groups, sinks, stop: stop_tx, drained: drained_rx, status })
 }
 
-/// The end of every sink pipeline: its sink and the mailboxes around its mapper.
+/// Opens a sink on the thread its writer will run on (its connections are driven there,
+/// see [`ActorThread`]): the sink, the offsets it holds and the thread.
+async fn open_sink(plan: &SinkPlan) -> sluice_actors::error::Result<(AnySink, Vec<StreamOffset>, ActorThread)> {
+    let thread = ActorThread::start(&format!("{}.writer", plan.name))?;
+    let mut sink = plan.spec.build(&plan.name)?;
+    let (sink, offsets) = thread
+        .run(async move {
+            let offsets = sink.open().await;
+            (sink, offsets)
+        })
+        .await?;
+    Ok((sink, offsets?, thread))
+}
+
+/// The end of every sink pipeline: its sink, the thread its writer runs on and the
+/// mailboxes around its mapper.
 struct SinkTail {
     sink: AnySink,
+    thread: ActorThread,
     options: WriterOptions,
     mapper_in: Mailbox<Event>,
     to_writer: Sender<SinkEvent>,
@@ -349,7 +365,8 @@ fn mapper_and_writer(
             format!("{}.writer", plan.name),
             "writer",
             sink::run(tail.sink, tail.options, tail.writer_in, on_commit, stop, faults),
-        ),
+        )
+        .on(tail.thread),
     ]
 }
 
@@ -446,8 +463,7 @@ fn assemble_kafka(config: &Config, base: &Path, faults: Faults, status: SharedSt
                 instance.clone(),
             );
             Box::pin(async move {
-                let mut sink = plan.spec.build(&plan.name)?;
-                sink.open().await?;
+                let (sink, _, thread) = open_sink(&plan).await?;
                 let topics: Vec<(String, bool)> = tables.iter().map(|t| (kafka.topic(t), false)).collect();
                 ensure_topics(&kafka, &topics).await?;
                 let (to_mapper, mapper_in) =
@@ -480,7 +496,7 @@ fn assemble_kafka(config: &Config, base: &Path, faults: Faults, status: SharedSt
                     "consumer",
                     consumer::run(consumer_options, to_mapper, read_offsets, commit_rx, faults.clone()),
                 );
-                let tail = SinkTail { sink, options, mapper_in, to_writer, writer_in };
+                let tail = SinkTail { sink, thread, options, mapper_in, to_writer, writer_in };
                 let [mapper, writer] = mapper_and_writer(&plan, tail, on_commit, stop_rx, faults);
                 Ok(vec![consumer, mapper, writer])
             }) as futures::future::BoxFuture<'static, sluice_actors::error::Result<Vec<Child>>>

@@ -8,7 +8,10 @@
 //! `within` escalate the failure, the group stops for good and reports the cause.
 //!
 //! Actors run as tokio tasks on the multi-threaded runtime (so the source and the sinks use
-//! both cores); the supervisor itself is an actix actor on the system arbiter and learns
+//! both cores), except those given an [`ActorThread`]: a sink writer waits on its
+//! database for every unit, and a reply that lands while both workers decode WAL or map
+//! rows would wait for one of them; on a thread of its own the writer is woken by the OS
+//! at once. The supervisor itself is an actix actor on the system arbiter and learns
 //! about exits through messages. A restarted group resumes from the last acknowledged
 //! position: factories rebuild state from durable positions, never from memory.
 
@@ -20,11 +23,14 @@ use actix::prelude::*;
 use futures::future::BoxFuture;
 use rand::RngExt;
 
-use crate::error::{Disposition, Error, Result};
+use crate::error::{Context as _, Disposition, Error, Result};
 use crate::metrics as m;
 
 /// How long a failure that follows another (a closed mailbox) waits for the cause.
 const CAUSE_GRACE: Duration = Duration::from_millis(250);
+
+/// How long a stopped [`ActorThread`] lets the tasks of its aborted actor wind down.
+const WIND_DOWN: Duration = Duration::from_secs(5);
 
 /// When a group is restarted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -73,11 +79,13 @@ impl RestartSpec {
     }
 }
 
-/// One actor of a group: its name (for logs, metrics, status), its kind and its run loop.
+/// One actor of a group: its name (for logs, metrics, status), its kind, its run loop
+/// and, if it has one, the thread it runs on.
 pub struct Child {
     pub name: String,
     pub kind: &'static str,
     pub run: BoxFuture<'static, Result<()>>,
+    thread: Option<ActorThread>,
 }
 
 impl Child {
@@ -86,7 +94,55 @@ impl Child {
         kind: &'static str,
         run: impl Future<Output = Result<()>> + Send + 'static,
     ) -> Self {
-        Self { name: name.into(), kind, run: Box::pin(run) }
+        Self { name: name.into(), kind, run: Box::pin(run), thread: None }
+    }
+
+    /// Runs this actor on `thread` instead of the shared workers.
+    pub fn on(self, thread: ActorThread) -> Self {
+        Self { thread: Some(thread), ..self }
+    }
+}
+
+/// A current-thread tokio runtime on an OS thread of its own, for one actor.
+///
+/// Sockets are driven by the reactor of the runtime that created them, so whatever the
+/// actor talks to must be connected on this runtime ([`ActorThread::run`]), reconnects
+/// included (they happen inside the actor). Dropping the `ActorThread` (the supervisor
+/// does when the actor's group stops) ends the thread: it first lets the aborted actor's
+/// tasks, and what their drops spawn (aborting an upload), finish for up to
+/// [`WIND_DOWN`], then drops the runtime and whatever is still on it.
+pub struct ActorThread {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ActorThread {
+    pub fn start(name: &str) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context(format!("build the runtime of {name}"))?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let wind_down = handle.clone();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let _ = stopped.await;
+                    let deadline = Instant::now() + WIND_DOWN;
+                    while wind_down.metrics().num_alive_tasks() > 0 && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                });
+            })
+            .context(format!("start the thread of {name}"))?;
+        Ok(Self { handle, _stop: stop })
+    }
+
+    /// Runs `work` on this thread and waits for its result.
+    pub async fn run<T: Send + 'static>(&self, work: impl Future<Output = T> + Send + 'static) -> Result<T> {
+        self.handle.spawn(work).await.map_err(join_error)
     }
 }
 
@@ -140,6 +196,8 @@ pub struct Group {
 struct Running {
     child: String,
     abort: tokio::task::AbortHandle,
+    /// Ends with the actor (dropped after its abort).
+    _thread: Option<ActorThread>,
 }
 
 struct Supervised {
@@ -227,20 +285,18 @@ impl Supervisor {
         let actors: Vec<ActorStatus> =
             children.iter().map(|c| ActorStatus { name: c.name.clone(), kind: c.kind }).collect();
         for child in children {
-            let handle = tokio::spawn(child.run);
+            let handle = match &child.thread {
+                Some(thread) => thread.handle.spawn(child.run),
+                None => tokio::spawn(child.run),
+            };
             let abort = handle.abort_handle();
             // The watcher turns the join result, panics included, into an outcome message.
             let (tx, rx) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {
-                let outcome = match handle.await {
-                    Ok(result) => result,
-                    Err(e) if e.is_panic() => Err(Error::Panicked(panic_message(e))),
-                    Err(_) => Err(Error::Stopped),
-                };
-                let _ = tx.send(outcome);
+                let _ = tx.send(handle.await.unwrap_or_else(|e| Err(join_error(e))));
             });
             let name = child.name;
-            self.groups[idx].running.push(Running { child: name.clone(), abort });
+            self.groups[idx].running.push(Running { child: name.clone(), abort, _thread: child.thread });
             ctx.spawn(rx.into_actor(self).map(move |outcome, act, ctx| {
                 act.child_exited(idx, incarnation, &name, outcome.unwrap_or(Err(Error::Stopped)), ctx);
             }));
@@ -362,14 +418,17 @@ impl Supervisor {
     }
 }
 
-fn panic_message(e: tokio::task::JoinError) -> String {
+/// A task that did not finish: it panicked (a failure like any other) or was aborted.
+fn join_error(e: tokio::task::JoinError) -> Error {
     match e.try_into_panic() {
-        Ok(payload) => payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a non-string panic".into()),
-        Err(_) => "cancelled".into(),
+        Ok(payload) => Error::Panicked(
+            payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string panic".into()),
+        ),
+        Err(_) => Error::Stopped,
     }
 }
 
@@ -519,6 +578,70 @@ mod tests {
         let g = state(&status, "p");
         assert!(matches!(&g.state, GroupState::Failed(c) if c.contains("panicked: kaboom")), "{g:?}");
         assert_eq!((builds.load(Ordering::SeqCst), g.restarts), (1, 0));
+    }
+
+    /// Waits up to 3 s for `until`.
+    async fn eventually(what: &str, until: impl Fn() -> bool) {
+        for _ in 0..300 {
+            if until() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out: {what}");
+    }
+
+    /// Names of this process's threads.
+    fn thread_names() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .expect("task list")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn an_actor_thread_runs_its_actor_and_ends_with_it_after_the_drop_work() {
+        /// Spawns work when dropped, as a sink that aborts its uploads does.
+        struct SpawnsOnDrop(Arc<AtomicU32>);
+        impl Drop for SpawnsOnDrop {
+            fn drop(&mut self) {
+                let done = self.0.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    done.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        }
+        let status = SharedStatus::default();
+        let (ran_on, cleaned) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicU32::new(0)));
+        let (ran, done) = (ran_on.clone(), cleaned.clone());
+        let factory: GroupFactory = Box::new(move || {
+            let (ran, done) = (ran.clone(), done.clone());
+            Box::pin(async move {
+                let thread = ActorThread::start("own-thread")?;
+                let name = || std::thread::current().name().map(String::from);
+                let opened_on = thread.run(async move { name() }).await?;
+                let child = Child::new("c", "test", async move {
+                    let _guard = SpawnsOnDrop(done);
+                    ran.lock().expect("names").extend([opened_on, name()]);
+                    std::future::pending().await
+                });
+                Ok(vec![child.on(thread)])
+            })
+        });
+        let group = Group { name: "g".into(), spec: spec(RestartPolicy::Never, 1), factory, dependents: Vec::new() };
+        let s = status.clone();
+        actix::System::new().block_on(async move {
+            let supervisor = Supervisor::new(vec![group], s).start();
+            eventually("the actor ran", || ran_on.lock().expect("names").len() == 2).await;
+            let own = Some("own-thread".to_string());
+            assert_eq!(*ran_on.lock().expect("names"), [own.clone(), own], "opened and ran on its thread");
+            assert!(thread_names().contains(&"own-thread".to_string()));
+            supervisor.send(Command::Pause("g".into())).await.expect("send").expect("pause");
+            eventually("the actor's drop work ran", || cleaned.load(Ordering::SeqCst) == 1).await;
+            eventually("the thread ended", || !thread_names().contains(&"own-thread".to_string())).await;
+        });
     }
 
     #[test]
