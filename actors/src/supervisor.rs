@@ -140,9 +140,17 @@ impl ActorThread {
         Ok(Self { handle, _stop: stop })
     }
 
+    /// Starts `work` on this thread.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        self.handle.spawn(work)
+    }
+
     /// Runs `work` on this thread and waits for its result.
     pub async fn run<T: Send + 'static>(&self, work: impl Future<Output = T> + Send + 'static) -> Result<T> {
-        self.handle.spawn(work).await.map_err(join_error)
+        self.spawn(work).await.map_err(join_error)
     }
 }
 
@@ -286,7 +294,7 @@ impl Supervisor {
             children.iter().map(|c| ActorStatus { name: c.name.clone(), kind: c.kind }).collect();
         for child in children {
             let handle = match &child.thread {
-                Some(thread) => thread.handle.spawn(child.run),
+                Some(thread) => thread.spawn(child.run),
                 None => tokio::spawn(child.run),
             };
             let abort = handle.abort_handle();

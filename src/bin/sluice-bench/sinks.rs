@@ -21,6 +21,7 @@ use sluice_actors::message::{Change, ChangeBatch, Checkpoint, Event, Op, Positio
 use sluice_actors::schema::{Column, PgType, ReplicaIdentity, TableId, TableSchema};
 use sluice_actors::sink::parquet::{ParquetOptions, S3Options, open_store, part_bytes};
 use sluice_actors::sink::{self, Sink, SinkSpec, WriterOptions};
+use sluice_actors::supervisor::ActorThread;
 use sluice_actors::value::Value;
 use tokio::sync::watch;
 
@@ -190,8 +191,13 @@ impl Generator {
 
 /// Rows/s of `rows` changes through the mapper and writer actors into `spec`'s sink.
 async fn through_sink(kind: &str, spec: SinkSpec, rows: u64, txn_rows: usize) -> anyhow::Result<f64> {
+    // The writer runs on a thread of its own, opened there, as in the daemon.
+    let thread = ActorThread::start(&format!("{kind}.writer"))?;
     let mut target = spec.build(kind)?;
-    target.open().await.with_context(|| format!("open the {kind} sink"))?;
+    let target = thread
+        .run(async move { target.open().await.map(|_| target) })
+        .await?
+        .with_context(|| format!("open the {kind} sink"))?;
     let capacity = 4096;
     let (to_mapper, mapper_in) = mailbox::<Event>(format!("{kind}.mapper"), "bench->mapper", capacity);
     let (to_writer, writer_in) = mailbox::<SinkEvent>(format!("{kind}.writer"), "mapper->writer", capacity);
@@ -203,7 +209,7 @@ async fn through_sink(kind: &str, spec: SinkSpec, rows: u64, txn_rows: usize) ->
     let on_commit = move |cp: Checkpoint| {
         durable_tx.send_replace(cp.position);
     };
-    let writer_task = tokio::spawn(sink::run(target, options, writer_in, on_commit, stop_rx, Faults::default()));
+    let writer_task = thread.spawn(sink::run(target, options, writer_in, on_commit, stop_rx, Faults::default()));
     let started = Instant::now();
     let (sent, last) = Generator::new().feed(&to_mapper, rows, txn_rows).await?;
     // Nothing more comes: the writer makes what it holds durable as soon as it is idle.
