@@ -271,7 +271,7 @@ pub fn assemble(config: &Config, base: &Path, faults: Faults, status: SharedStat
             let stop_rx = stop_rx.clone();
             let slot = slot.clone();
             Box::pin(async move {
-                let (sink, offsets, thread) = open_sink(&plan).await?;
+                let (sink, offsets, thread) = plan.spec.open_on_thread(&plan.name).await?;
                 let held = position_of(&offsets, &slot);
                 let durable = held.unwrap_or(Position::START);
                 let (to_mapper, mapper_in) =
@@ -319,20 +319,6 @@ pub fn assemble(config: &Config, base: &Path, faults: Faults, status: SharedStat
         groups.push(Group { name, spec, factory: Box::new(factory), dependents: Vec::new() });
     }
     Ok(Pipeline { groups, sinks, stop: stop_tx, drained: drained_rx, status })
-}
-
-/// Opens a sink on the thread its writer will run on (its connections are driven there,
-/// see [`ActorThread`]): the sink, the offsets it holds and the thread.
-async fn open_sink(plan: &SinkPlan) -> sluice_actors::error::Result<(AnySink, Vec<StreamOffset>, ActorThread)> {
-    let thread = ActorThread::start(&format!("{}.writer", plan.name))?;
-    let mut sink = plan.spec.build(&plan.name)?;
-    let (sink, offsets) = thread
-        .run(async move {
-            let offsets = sink.open().await;
-            (sink, offsets)
-        })
-        .await?;
-    Ok((sink, offsets?, thread))
 }
 
 /// The end of every sink pipeline: its sink, the thread its writer runs on and the
@@ -463,7 +449,7 @@ fn assemble_kafka(config: &Config, base: &Path, faults: Faults, status: SharedSt
                 instance.clone(),
             );
             Box::pin(async move {
-                let (sink, _, thread) = open_sink(&plan).await?;
+                let (sink, _, thread) = plan.spec.open_on_thread(&plan.name).await?;
                 let topics: Vec<(String, bool)> = tables.iter().map(|t| (kafka.topic(t), false)).collect();
                 ensure_topics(&kafka, &topics).await?;
                 let (to_mapper, mapper_in) =

@@ -124,14 +124,14 @@ impl ActorThread {
             .context(format!("build the runtime of {name}"))?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let wind_down = handle.clone();
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
                 runtime.block_on(async move {
                     let _ = stopped.await;
                     let deadline = Instant::now() + WIND_DOWN;
-                    while wind_down.metrics().num_alive_tasks() > 0 && Instant::now() < deadline {
+                    let metrics = tokio::runtime::Handle::current().metrics();
+                    while metrics.num_alive_tasks() > 0 && Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 });

@@ -27,6 +27,7 @@ use crate::mailbox::Mailbox;
 use crate::mapper::plan::TargetTable;
 use crate::mapper::{SinkEvent, SinkItem};
 use crate::message::{Checkpoint, Position, StreamOffset};
+use crate::supervisor::ActorThread;
 
 /// A sink's contract with its writer actor.
 ///
@@ -279,6 +280,20 @@ impl SinkSpec {
             }
             SinkSpec::Parquet(options) => AnySink::Parquet(Box::new(parquet::ParquetSink::new(name, options.clone()))),
         })
+    }
+
+    /// A sink named `name`, opened on a new thread for its writer (its connections are
+    /// driven there, see [`ActorThread`]): the sink, the offsets it holds and the thread.
+    pub async fn open_on_thread(&self, name: &str) -> Result<(AnySink, Vec<StreamOffset>, ActorThread)> {
+        let thread = ActorThread::start(&format!("{name}.writer"))?;
+        let mut sink = self.build(name)?;
+        let (sink, offsets) = thread
+            .run(async move {
+                let offsets = sink.open().await;
+                (sink, offsets)
+            })
+            .await?;
+        Ok((sink, offsets?, thread))
     }
 }
 
