@@ -162,6 +162,7 @@ pub async fn run(options: PgSourceOptions, mut links: SourceLinks, faults: Fault
         gated.start().await.context("start replication")?;
         gated
     } else {
+        wait_inactive(&catalog_client, &options.slot).await?;
         ReplicationClient::connect(repl_config.clone()).await.context("connect for replication")?
     };
     repl.wait_started().await.context(format!("start replication from slot {}", options.slot))?;
@@ -183,22 +184,30 @@ pub async fn run(options: PgSourceOptions, mut links: SourceLinks, faults: Fault
             return Ok(());
         }
         repl.abort();
+        wait_inactive(&catalog_client, &options.slot).await?;
         repl = ReplicationClient::connect(repl_config.clone()).await.context("reconnect for replication")?;
         repl.wait_started().await.context("restart replication")?;
         links.out.send(Event::Rewound).await?;
     }
 }
 
-/// Drops a slot, waiting a little for a previous session of ours to let go of it.
-async fn wait_inactive_and_drop(client: &tokio_postgres::Client, slot: &str) -> Result<()> {
+/// Waits a little for a previous session of ours to let go of a slot: a walsender exits a
+/// moment after its connection closed (a rewind's reconnect, a restarted source), and
+/// until then the slot is active and START_REPLICATION fails. Returns whether it exists.
+async fn wait_inactive(client: &tokio_postgres::Client, slot: &str) -> Result<bool> {
     for _ in 0..50 {
         match catalog::slot_info(client, slot).await? {
-            None => return Ok(()),
-            Some(info) if !info.active => return catalog::drop_slot(client, slot).await,
+            None => return Ok(false),
+            Some(info) if !info.active => return Ok(true),
             Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
     Err(Error::Fatal(format!("source.slot: replication slot '{slot}' is in use by another process")))
+}
+
+/// Drops a slot once no session uses it.
+async fn wait_inactive_and_drop(client: &tokio_postgres::Client, slot: &str) -> Result<()> {
+    if wait_inactive(client, slot).await? { catalog::drop_slot(client, slot).await } else { Ok(()) }
 }
 
 #[cfg(test)]
