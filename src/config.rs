@@ -253,6 +253,9 @@ pub struct PipelineConfig {
     pub restart_window_secs: u64,
     #[serde(default = "default_sink_stall_timeout_secs")]
     pub sink_stall_timeout_secs: u64,
+    /// Threads the sink writers run on; 0: one per sink, at most one per two cores.
+    #[serde(default)]
+    pub writer_threads: usize,
 }
 
 impl Default for PipelineConfig {
@@ -267,6 +270,7 @@ impl Default for PipelineConfig {
             max_restarts: DEFAULT_MAX_RESTARTS,
             restart_window_secs: DEFAULT_RESTART_WINDOW_SECS,
             sink_stall_timeout_secs: DEFAULT_SINK_STALL_TIMEOUT_SECS,
+            writer_threads: 0,
         }
     }
 }

@@ -31,7 +31,7 @@ use sluice_actors::sink::{self, AnySink, Sink, SinkSpec, WriterOptions};
 use sluice_actors::source::snapshot::SnapshotOptions;
 use sluice_actors::source::wal::WalOptions;
 use sluice_actors::source::{self, PgSourceOptions, SourceLinks};
-use sluice_actors::supervisor::{ActorThread, Child, Group, RestartSpec, SharedStatus};
+use sluice_actors::supervisor::{ActorThread, Child, Group, RestartSpec, SharedStatus, WriterThreads};
 use sluice_actors::transport::direct::{self, FanoutControl, FanoutLinks};
 use sluice_actors::transport::kafka::consumer::{self, ConsumerOptions, OffsetsReader};
 use sluice_actors::transport::kafka::producer::{self, ProducerOptions};
@@ -193,6 +193,7 @@ pub fn assemble(config: &Config, base: &Path, faults: Faults, status: SharedStat
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
     let ack_rx = Arc::new(Mutex::new(ack_rx));
     let mailbox_rows = config.pipeline.mailbox_rows;
+    let writers = WriterThreads::start(sinks.len(), config.pipeline.writer_threads)?;
     let stall_timeout = match config.pipeline.sink_stall_timeout_secs {
         0 => None,
         secs => Some(Duration::from_secs(secs)),
@@ -263,15 +264,17 @@ pub fn assemble(config: &Config, base: &Path, faults: Faults, status: SharedStat
         let max_unit_rows = config.pipeline.max_unit_rows;
         let name = plan.name.clone();
         let spec = plan.restart;
+        let thread = writers.get(index);
         let factory = move || {
             let plan = plan.clone();
+            let thread = thread.clone();
             let faults = faults.clone();
             let control_tx = control_tx.clone();
             let ack_tx = ack_tx.clone();
             let stop_rx = stop_rx.clone();
             let slot = slot.clone();
             Box::pin(async move {
-                let (sink, offsets, thread) = plan.spec.open_on_thread(&plan.name).await?;
+                let (sink, offsets) = plan.spec.open_on(&plan.name, &thread).await?;
                 let held = position_of(&offsets, &slot);
                 let durable = held.unwrap_or(Position::START);
                 let (to_mapper, mapper_in) =
@@ -428,8 +431,11 @@ fn assemble_kafka(config: &Config, base: &Path, faults: Faults, status: SharedSt
     }
 
     // One group per sink: consumer -> mapper -> writer.
-    for plan in sinks.iter().filter(|_| role != Role::Source) {
+    let consumed: Vec<&SinkPlan> = sinks.iter().filter(|_| role != Role::Source).collect();
+    let writers = WriterThreads::start(consumed.len(), config.pipeline.writer_threads)?;
+    for (index, plan) in consumed.into_iter().enumerate() {
         let plan = plan.clone();
+        let thread = writers.get(index);
         let (kafka, faults, stop_rx) = (kafka.clone(), faults.clone(), stop_rx.clone());
         let max_unit_rows = config.pipeline.max_unit_rows;
         let group_id = format!("{}-{}", config.transport.group, plan.name);
@@ -438,8 +444,9 @@ fn assemble_kafka(config: &Config, base: &Path, faults: Faults, status: SharedSt
         let source_pg = source.pg.clone();
         let (name, spec) = (plan.name.clone(), plan.restart);
         let factory = move || {
-            let (plan, kafka, faults, stop_rx, group_id, tables, source_pg, instance) = (
+            let (plan, thread, kafka, faults, stop_rx, group_id, tables, source_pg, instance) = (
                 plan.clone(),
+                thread.clone(),
                 kafka.clone(),
                 faults.clone(),
                 stop_rx.clone(),
@@ -449,7 +456,7 @@ fn assemble_kafka(config: &Config, base: &Path, faults: Faults, status: SharedSt
                 instance.clone(),
             );
             Box::pin(async move {
-                let (sink, _, thread) = plan.spec.open_on_thread(&plan.name).await?;
+                let (sink, _) = plan.spec.open_on(&plan.name, &thread).await?;
                 let topics: Vec<(String, bool)> = tables.iter().map(|t| (kafka.topic(t), false)).collect();
                 ensure_topics(&kafka, &topics).await?;
                 let (to_mapper, mapper_in) =

@@ -282,10 +282,9 @@ impl SinkSpec {
         })
     }
 
-    /// A sink named `name`, opened on a new thread for its writer (its connections are
-    /// driven there, see [`ActorThread`]): the sink, the offsets it holds and the thread.
-    pub async fn open_on_thread(&self, name: &str) -> Result<(AnySink, Vec<StreamOffset>, ActorThread)> {
-        let thread = ActorThread::start(&format!("{name}.writer"))?;
+    /// A sink named `name`, opened on `thread` for its writer (its connections are driven
+    /// there, see [`ActorThread`]): the sink and the offsets it holds.
+    pub async fn open_on(&self, name: &str, thread: &ActorThread) -> Result<(AnySink, Vec<StreamOffset>)> {
         let mut sink = self.build(name)?;
         let (sink, offsets) = thread
             .run(async move {
@@ -293,7 +292,7 @@ impl SinkSpec {
                 (sink, offsets)
             })
             .await?;
-        Ok((sink, offsets?, thread))
+        Ok((sink, offsets?))
     }
 }
 

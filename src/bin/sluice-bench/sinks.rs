@@ -21,6 +21,7 @@ use sluice_actors::message::{Change, ChangeBatch, Checkpoint, Event, Op, Positio
 use sluice_actors::schema::{Column, PgType, ReplicaIdentity, TableId, TableSchema};
 use sluice_actors::sink::parquet::{ParquetOptions, S3Options, open_store, part_bytes};
 use sluice_actors::sink::{self, SinkSpec, WriterOptions};
+use sluice_actors::supervisor::ActorThread;
 use sluice_actors::value::Value;
 use tokio::sync::watch;
 
@@ -191,7 +192,8 @@ impl Generator {
 /// Rows/s of `rows` changes through the mapper and writer actors into `spec`'s sink.
 async fn through_sink(kind: &str, spec: SinkSpec, rows: u64, txn_rows: usize) -> anyhow::Result<f64> {
     // The writer runs on a thread of its own, opened there, as in the daemon.
-    let (target, _, thread) = spec.open_on_thread(kind).await.with_context(|| format!("open the {kind} sink"))?;
+    let thread = ActorThread::start(&format!("{kind}.writer"))?;
+    let (target, _) = spec.open_on(kind, &thread).await.with_context(|| format!("open the {kind} sink"))?;
     let capacity = 4096;
     let (to_mapper, mapper_in) = mailbox::<Event>(format!("{kind}.mapper"), "bench->mapper", capacity);
     let (to_writer, writer_in) = mailbox::<SinkEvent>(format!("{kind}.writer"), "mapper->writer", capacity);
