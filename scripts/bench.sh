@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark (not a test): sluice against PostgreSQL's own logical replication on the
-# local services, with a release build. Arguments go to sluice-bench (--help lists them):
+# local services, with the shipped build (profile release-lto). Arguments go to
+# sluice-bench (--help lists them):
 #   scripts/bench.sh                                  # the full run (about 20 minutes)
 #   scripts/bench.sh --rows 100000 --changes 50000    # a quick one
 #   scripts/bench.sh --transports direct --skip-native
@@ -16,6 +17,6 @@ case " $* " in
   *" --transports direct "*|*" --transports=direct "*) SLUICE_SKIP_KAFKA=1 compose/native-up.sh ;;
   *) compose/native-up.sh ;;
 esac
-echo "[bench] building the release binaries (the first build takes a while)"
-cargo build --release --quiet --workspace --bins
-exec "$CARGO_TARGET_DIR/release/sluice-bench" --json "$SLUICE_CACHE/bench/last.json" "$@"
+echo "[bench] building the release-lto binaries (the first build takes a while)"
+cargo build --profile release-lto --quiet --workspace --bins
+exec "$CARGO_TARGET_DIR/release-lto/sluice-bench" --json "$SLUICE_CACHE/bench/last.json" "$@"

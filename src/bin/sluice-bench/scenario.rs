@@ -349,6 +349,20 @@ impl Bench {
                 && (!kinds.contains(&"parquet") || daemon.rows("parquet")? >= users as f64))
         })
         .await?;
+        // Every sink must hold the whole copy before it is paused: one paused in the middle
+        // would come back without a complete snapshot and the source would copy again. A
+        // row written now (the copy has begun, so it is streamed after it, and the MariaDB
+        // mapping keeps it) reaches each sink after its copy; the lake has every copied row
+        // of both tables and then it.
+        let copied_rows: i64 =
+            source.query_one("SELECT (SELECT count(*) FROM users) + (SELECT count(*) FROM orders)", &[]).await?.get(0);
+        let copied = insert_marker(&source).await?;
+        wait_for("the end of the catch-up's initial copy", PHASE_LIMIT, Duration::from_millis(200), || async {
+            Ok((!kinds.contains(&"postgres") || has_user(&targets.pg, copied).await?)
+                && (!kinds.contains(&"mysql") || targets.mysql_has(copied).await?)
+                && (!kinds.contains(&"parquet") || daemon.rows("parquet")? > copied_rows as f64))
+        })
+        .await?;
         for k in kinds {
             daemon.post(&format!("/api/pipelines/{k}/pause"))?;
         }
