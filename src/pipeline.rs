@@ -431,9 +431,9 @@ fn assemble_kafka(config: &Config, base: &Path, faults: Faults, status: SharedSt
     }
 
     // One group per sink: consumer -> mapper -> writer.
-    let consumed: Vec<&SinkPlan> = sinks.iter().filter(|_| role != Role::Source).collect();
+    let consumed: &[SinkPlan] = if role == Role::Source { &[] } else { &sinks };
     let writers = WriterThreads::start(consumed.len(), config.pipeline.writer_threads)?;
-    for (index, plan) in consumed.into_iter().enumerate() {
+    for (index, plan) in consumed.iter().enumerate() {
         let plan = plan.clone();
         let thread = writers.get(index);
         let (kafka, faults, stop_rx) = (kafka.clone(), faults.clone(), stop_rx.clone());

@@ -11,8 +11,8 @@
 //! both cores), except those given an [`ActorThread`]: a sink writer waits on its
 //! database for every unit, and a reply that lands while both workers decode WAL or map
 //! rows would wait for one of them; on a thread of its own the writer is woken by the OS
-//! at once. Writers share [`WriterThreads`], at most one per two cores. The supervisor itself is an actix actor on the system arbiter and learns
-//! about exits through messages. A restarted group resumes from the last acknowledged
+//! at once. Writers share [`WriterThreads`], at most one per two cores. The supervisor
+//! itself is an actix actor on the system arbiter and learns about exits through messages. A restarted group resumes from the last acknowledged
 //! position: factories rebuild state from durable positions, never from memory.
 
 use std::collections::VecDeque;
@@ -108,9 +108,9 @@ impl Child {
 /// Sockets are driven by the reactor of the runtime that created them, so whatever an
 /// actor talks to must be connected on this runtime ([`ActorThread::run`]), reconnects
 /// included (they happen inside the actor). Clones share the thread; dropping the last
-/// one (the supervisor drops a child's when its group stops, a pipeline drops its
-/// [`WriterThreads`] when it ends) ends the thread: it first lets the aborted actors'
-/// tasks, and what their drops spawn (aborting an upload), finish for up to
+/// one (the supervisor drops a child's when its group stops, and a sink group's factory,
+/// which holds its writer's, when the pipeline ends) ends the thread: it first lets the
+/// aborted actors' tasks, and what their drops spawn (aborting an upload), finish for up to
 /// [`WIND_DOWN`], then drops the runtime and whatever is still on it. While other
 /// clones live, those tasks simply run to their end on the thread.
 #[derive(Clone)]
@@ -170,11 +170,12 @@ pub struct WriterThreads {
 }
 
 impl WriterThreads {
-    /// `count` threads named `writer.<k>`, or, when `count` is 0, one per writer and at
-    /// most one per two cores (at least one).
-    pub fn start(writers: usize, count: usize) -> Result<Self> {
+    /// Threads named `writer.<k>`: one per writer, at most `limit` (0: one per two cores,
+    /// at least one); none without writers.
+    pub fn start(writers: usize, limit: usize) -> Result<Self> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let count = if count == 0 { writers.min(cores / 2) } else { count }.max(1);
+        let limit = if limit == 0 { (cores / 2).max(1) } else { limit };
+        let count = writers.min(limit);
         let threads = (0..count).map(|k| ActorThread::start(&format!("writer.{k}"))).collect::<Result<_>>()?;
         Ok(Self { threads })
     }
@@ -703,6 +704,7 @@ mod tests {
             let threads = |writers| WriterThreads::start(writers, 0).expect("threads").threads.len();
             assert_eq!(threads(half + 1), half, "0: one per two cores at most");
             assert_eq!(threads(1), 1, "0: one per writer");
+            assert_eq!(threads(0), 0, "none without writers");
         });
     }
 
