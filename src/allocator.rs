@@ -1,11 +1,21 @@
-//! The memory allocator of every sluice binary: mimalloc (v2, default options).
+//! The memory allocator of every sluice binary: mimalloc (v2), built without transparent
+//! huge pages (the `no_thp` feature).
 //!
 //! The daemon allocates and frees many small Arrow buffers per batch: with glibc malloc a
 //! third of its CPU in a catch-up profile went to malloc and free (with mimalloc: catch-up
-//! +15-50%, the source's snapshot 210k -> 340k rows/s). It holds more memory: peak RSS
-//! +15-35 MB in the benchmark. Returning freed pages at once (`purge_delay` 0) would give
-//! that back but halves the mapping stage (2.4M -> 0.65M rows/s: pages fault in again),
-//! so the defaults stay.
+//! +15-50%, the source's snapshot 210k -> 340k rows/s). Returning freed pages at once
+//! (`purge_delay` 0) halves the mapping stage (2.4M -> 0.65M rows/s: pages fault in
+//! again), so the purge delay stays at its default.
+//!
+//! Huge pages: by default mimalloc asks for transparent huge pages on its arenas
+//! (`madvise(MADV_HUGEPAGE)`), and Linux then backs each touched 2 MiB of them with a
+//! whole huge page, resident until all of it is free. That was most of what mimalloc cost
+//! over glibc in memory: 14-55 MB of `AnonHugePages` in the benchmark's snapshots, peak
+//! RSS 83 / 102 / 105 MB (PostgreSQL / MariaDB / Parquet sink) and 130 MB for three sinks
+//! with them, 63 / 86 / 78 and 99 MB without, at the same throughput. On a host whose
+//! `/sys/kernel/mm/transparent_hugepage/enabled` is `always` the kernel uses huge pages
+//! without being asked; there, run the daemon with `MIMALLOC_ALLOW_THP=0` (mimalloc then
+//! turns them off for the process).
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
