@@ -12,7 +12,8 @@
 //! whole huge page, resident until all of it is free. That was most of what mimalloc cost
 //! over glibc in memory: 14-55 MB of `AnonHugePages` in the benchmark's snapshots, peak
 //! RSS 83 / 102 / 105 MB (PostgreSQL / MariaDB / Parquet sink) and 130 MB for three sinks
-//! with them, 63 / 86 / 78 and 99 MB without, at the same throughput. On a host whose
+//! with them, 63 / 86 / 78 and 99 MB without; throughput moved within the runs' 15-20%
+//! noise (a cost of a few percent is possible, not shown). On a host whose
 //! `/sys/kernel/mm/transparent_hugepage/enabled` is `always` the kernel uses huge pages
 //! without being asked; there, run the daemon with `MIMALLOC_ALLOW_THP=0` (mimalloc then
 //! turns them off for the process).

@@ -12,8 +12,9 @@
 //! database for every unit, and a reply that lands while both workers decode WAL or map
 //! rows would wait for one of them; on a thread of its own the writer is woken by the OS
 //! at once. Writers share [`WriterThreads`], at most one per two cores. The supervisor
-//! itself is an actix actor on the system arbiter and learns about exits through messages. A restarted group resumes from the last acknowledged
-//! position: factories rebuild state from durable positions, never from memory.
+//! itself is an actix actor on the system arbiter and learns about exits through
+//! messages. A restarted group resumes from the last acknowledged position: factories
+//! rebuild state from durable positions, never from memory.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
