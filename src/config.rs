@@ -43,6 +43,8 @@ pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: u64 = 250_000;
 /// An idle source confirms its position this often (keeps the slot from holding WAL).
 pub const DEFAULT_HEARTBEAT_SECS: u64 = 10;
 pub const DEFAULT_ROTATE_ROWS: usize = 100_000;
+/// The most connections a PostgreSQL sink applies over (`sink.lanes`).
+pub const MAX_LANES: usize = 16;
 pub const DEFAULT_ROTATE_SECS: u64 = 60;
 pub const DEFAULT_BACKOFF_BASE_MS: u64 = 500;
 pub const DEFAULT_BACKOFF_MAX_MS: u64 = 30_000;
@@ -230,6 +232,9 @@ pub struct SinkConfig {
     /// Overrides `pipeline.restart` for this sink.
     #[serde(default)]
     pub restart: Option<RestartPolicy>,
+    /// PostgreSQL sinks, direct transport: connections applying disjoint keys at once.
+    #[serde(default)]
+    pub lanes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -486,6 +491,18 @@ impl Config {
                 p.push(format!("{at}.name: \"source\" names the source's pipeline; choose another name"));
             } else if !names.insert(s.name.clone()) {
                 p.push(format!("{at}.name: {:?} is used by another sink", s.name));
+            }
+            match s.lanes {
+                Some(_) if s.kind != SinkKind::Postgres => {
+                    p.push(format!("{at}.lanes: only PostgreSQL sinks apply over lanes"))
+                }
+                Some(n) if !(1..=MAX_LANES).contains(&n) => {
+                    p.push(format!("{at}.lanes: {n} is not between 1 and {MAX_LANES}"))
+                }
+                Some(n) if n > 1 && self.transport.kind == TransportKind::Kafka => p.push(format!(
+                    "{at}.lanes: {n} lanes need the direct transport (through Kafka a sink applies over one)"
+                )),
+                _ => {}
             }
             match s.kind {
                 SinkKind::Postgres | SinkKind::Mysql => {

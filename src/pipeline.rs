@@ -100,7 +100,8 @@ pub fn sink_plans(config: &Config, base: &Path) -> anyhow::Result<Vec<SinkPlan>>
                     let url = s.url.clone().unwrap_or_default();
                     let pg: tokio_postgres::Config =
                         url.parse().with_context(|| format!("sink[{}].url: {}", s.name, mask_url(&url)))?;
-                    (SinkSpec::Postgres { config: Box::new(pg) }, mask_url(&url))
+                    let (lanes, stream) = (s.lanes.unwrap_or(1), config.source.slot.clone());
+                    (SinkSpec::Postgres { config: Box::new(pg), lanes, stream }, mask_url(&url))
                 }
                 SinkKind::Mysql => {
                     let url = s.url.clone().unwrap_or_default();
@@ -219,11 +220,12 @@ pub fn assemble(config: &Config, base: &Path, faults: Faults, status: SharedStat
             let control = control_rx.clone();
             let acks = ack_rx.clone();
             Box::pin(async move {
-                // What every sink holds decides between copying and streaming.
+                // What every sink holds decides between copying and streaming. Read only: each
+                // sink is opened (and recovered) once, by its writer, on its writer thread.
                 let mut durable = Vec::with_capacity(sinks.len());
                 for s in &sinks {
                     let mut sink = s.spec.build(&s.name)?;
-                    durable.push(position_of(&sink.open().await?, &source.slot));
+                    durable.push(position_of(&sink.offsets().await?, &source.slot));
                 }
                 let downstream =
                     if durable.iter().any(Option::is_none) { None } else { durable.iter().flatten().min().copied() };

@@ -76,7 +76,7 @@ enum TargetDb {
 impl TargetDb {
     async fn connect(plan: &SinkPlan) -> anyhow::Result<Self> {
         match &plan.spec {
-            sluice_actors::sink::SinkSpec::Postgres { config } => Ok(TargetDb::Postgres(
+            sluice_actors::sink::SinkSpec::Postgres { config, .. } => Ok(TargetDb::Postgres(
                 catalog::connect(config, &plan.name).await.map_err(|e| anyhow::anyhow!("{}", e.chain()))?,
             )),
             sluice_actors::sink::SinkSpec::Mysql { url } => {

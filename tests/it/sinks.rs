@@ -109,7 +109,9 @@ enum Target {
 impl Target {
     fn spec(&self) -> SinkSpec {
         match self {
-            Target::Pg(db) => SinkSpec::Postgres { config: Box::new(db.url.parse().expect("url")) },
+            Target::Pg(db) => {
+                SinkSpec::Postgres { config: Box::new(db.url.parse().expect("url")), lanes: 1, stream: STREAM.into() }
+            }
             Target::My(db) => SinkSpec::Mysql { url: db.url.clone() },
             Target::Lake(dir) => {
                 let (store, prefix) =
@@ -427,6 +429,90 @@ async fn snapshot_rows_are_copied_into_the_postgres_target_and_upserted_where_ke
     let Target::Pg(db) = &target else { unreachable!() };
     let letters = db.rows("SELECT seq::text FROM sluice_dead_letter WHERE sink = 'acc'").await;
     assert_eq!(letters, vec![vec![Some("2".to_string())]]);
+}
+
+fn lanes_spec(db: &PgDb, lanes: usize) -> SinkSpec {
+    SinkSpec::Postgres { config: Box::new(db.url.parse().expect("url")), lanes, stream: STREAM.into() }
+}
+
+/// (part, lsn) of the stored offsets rows of sink `acc`, sorted.
+async fn offsets_rows(db: &PgDb) -> Vec<(i64, i64)> {
+    let rows = db.rows("SELECT part::text, lsn::text FROM sluice_offsets WHERE sink = 'acc' ORDER BY part").await;
+    rows.iter()
+        .map(|r| {
+            (r[0].as_deref().expect("part").parse().expect("part"), r[1].as_deref().expect("lsn").parse().expect("lsn"))
+        })
+        .collect()
+}
+
+/// Two lanes apply disjoint keys; after a crash between their commits each lane skips
+/// what it applied already; fewer lanes afterwards resume from the lowest and rewrite
+/// the offsets.
+#[tokio::test]
+async fn postgres_lanes_resume_each_from_its_own_position() {
+    let db = PgDb::create("lanes_pg").await;
+    let inserts: Vec<Change> =
+        (1..=40).map(|id| change(Op::Insert, 10, id as u64, None, Some(row(id, "v1", "1.00", Value::Null)))).collect();
+    let updates: Vec<Change> =
+        (1..=40).map(|id| change(Op::Update, 20, id as u64, None, Some(row(id, "v2", "2.00", Value::Null)))).collect();
+    let mut sink = lanes_spec(&db, 2).build("acc").expect("sink");
+    assert!(sink.open().await.expect("open").is_empty());
+    sink.write(items(inserts).await).await.expect("write");
+    sink.commit(&cp(10), cp(10).stream_offsets(STREAM)).await.expect("commit");
+    sink.write(items(updates.clone()).await).await.expect("write");
+    sink.commit(&cp(20), cp(20).stream_offsets(STREAM)).await.expect("commit");
+    sink.tick(true).await.expect("flush");
+    drop(sink);
+    assert_eq!(offsets_rows(&db).await, vec![(0, 20), (65536, 20)], "one offsets row per lane");
+
+    // As if lane 1 had not committed unit 2: its position and its rows are back at unit 1
+    // (lane 0's rows are set back too, to show that it does not apply unit 2 again).
+    let at10 = Position::txn_end(10);
+    db.exec(&format!("UPDATE sluice_offsets SET lsn = {}, seq = {} WHERE part = 65536", at10.lsn, at10.seq)).await;
+    db.exec("UPDATE accounts SET name = 'v1', balance = 1.00").await;
+    let mut sink = lanes_spec(&db, 2).build("acc").expect("sink");
+    let offsets = sink.open().await.expect("reopen");
+    assert_eq!(sluice::pipeline::position_of(&offsets, STREAM), Some(at10), "resumes from the lowest lane");
+    sink.write(items(updates).await).await.expect("replay");
+    sink.commit(&cp(20), cp(20).stream_offsets(STREAM)).await.expect("commit");
+    let names: Vec<String> = Target::Pg(db).state().await.into_iter().map(|r| r.1).collect();
+    let replayed = names.iter().filter(|n| *n == "v2").count();
+    assert!(
+        (5..=35).contains(&replayed),
+        "lane 1 applied its keys again ({replayed} of 40), lane 0 skipped its own: {names:?}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_lanes_take_a_truncate_between_rows_and_fewer_lanes_rewrite_the_offsets() {
+    let db = PgDb::create("lanes_trunc_pg").await;
+    let mut changes: Vec<Change> =
+        (1..=20).map(|id| change(Op::Insert, 10, id as u64, None, Some(row(id, "old", "1.00", Value::Null)))).collect();
+    changes.push(change(Op::Truncate, 10, 21, None, None));
+    changes.extend(
+        (21..=30).map(|id| change(Op::Insert, 10, id as u64 + 1, None, Some(row(id, "new", "1.00", Value::Null)))),
+    );
+    let mut sink = lanes_spec(&db, 2).build("acc").expect("sink");
+    sink.open().await.expect("open");
+    // Rows in both lanes' open transactions, then a truncate: no lane waits for another.
+    sink.write(items(changes[..20].to_vec()).await).await.expect("write");
+    sink.write(items(changes[20..].to_vec()).await).await.expect("write");
+    sink.commit(&cp(10), cp(10).stream_offsets(STREAM)).await.expect("commit");
+    let target = Target::Pg(db);
+    let ids: Vec<i64> = target.state().await.iter().map(|r| r.0).collect();
+    assert_eq!(ids, (21..=30).collect::<Vec<_>>());
+    let Target::Pg(db) = &target else { unreachable!() };
+    assert_eq!(offsets_rows(db).await, vec![(0, 10), (65536, 10)]);
+
+    // One lane now: the stored rows of two lanes are merged and rewritten.
+    let mut sink = lanes_spec(db, 1).build("acc").expect("sink");
+    let offsets = sink.open().await.expect("reopen");
+    assert_eq!(sluice::pipeline::position_of(&offsets, STREAM), Some(Position::txn_end(10)));
+    sink.write(items(vec![change(Op::Insert, 30, 1, None, Some(row(31, "one", "1.00", Value::Null)))]).await)
+        .await
+        .expect("write");
+    sink.commit(&cp(30), cp(30).stream_offsets(STREAM)).await.expect("commit");
+    assert_eq!(offsets_rows(db).await, vec![(0, 30)]);
 }
 
 #[tokio::test]

@@ -79,6 +79,28 @@ pub struct MappedRows {
     pub meta: Vec<RowMeta>,
 }
 
+impl MappedRows {
+    /// The rows flagged `true` in `keep` (one flag per row), in order; `None` if none is.
+    pub fn filter(self, keep: &[bool]) -> Result<Option<Self>> {
+        match keep.contains(&false) {
+            true => self.select(keep),
+            false => Ok(Some(self).filter(|r| !r.ops.is_empty())),
+        }
+    }
+
+    /// Like [`Self::filter`], copying the rows kept.
+    pub fn select(&self, keep: &[bool]) -> Result<Option<Self>> {
+        if !keep.contains(&true) {
+            return Ok(None);
+        }
+        let columns = arrow::compute::filter_record_batch(&self.columns, &BooleanArray::from(keep.to_vec()))
+            .context("select mapped rows")?;
+        let ops = self.ops.iter().zip(keep).filter(|(_, k)| **k).map(|(x, _)| x.clone()).collect();
+        let meta = self.meta.iter().zip(keep).filter(|(_, k)| **k).map(|(x, _)| *x).collect();
+        Ok(Some(Self { target: self.target.clone(), columns, ops, meta }))
+    }
+}
+
 /// A change a sink could not take, kept with the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {

@@ -21,16 +21,31 @@
 //! acknowledged upstream: a database crash can lose such commits, never the source's copy of
 //! them (the slot still holds them, and the offsets roll back with the data). WAL is
 //! flushed in order, so checkpoints are released in order.
+//!
+//! Lanes (`sink.lanes`, PostgreSQL, direct transport): the sink applies over several
+//! connections at once, each a *lane* owning the keys whose text hashes to it (a stable
+//! FNV-1a, so a key keeps its lane across restarts and versions). Each lane commits its
+//! share of a unit with its own offsets row (partition `lane << 16`), so a crash between
+//! lanes' commits leaves them at different positions: on open the sink resumes from the
+//! lowest, and each lane skips the replayed rows it applied already ([`merge_lanes`],
+//! `floors`). What lanes give up is the source transaction's atomicity across keys in the
+//! target (another session may see one lane's share of a transaction before the other's),
+//! and targets must not have foreign keys or unique constraints other than the key between
+//! rows of different lanes. A unit holding a truncate is *serial*: the other lanes commit
+//! what they hold first (without offsets: replaying it is idempotent), then lane 0 applies
+//! the rest and commits every lane's offsets. DDL waits for the lanes' transactions the
+//! same way. Offsets written by another number of lanes make the first unit serial: every
+//! lane resumes from the lowest position and lane 0 rewrites them all.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::error::{Disposition, Result};
+use crate::error::{Context, Disposition, Result};
 use crate::mapper::plan::TargetTable;
-use crate::mapper::{DeadLetter, SinkItem};
-use crate::message::{Checkpoint, StreamOffset};
+use crate::mapper::{DeadLetter, MappedRows, SinkItem};
+use crate::message::{Checkpoint, Position, StreamOffset};
 use crate::metrics as m;
 use crate::schema::TableId;
 use crate::sink::Sink;
@@ -111,45 +126,84 @@ pub trait Database: Send {
     fn flush(&mut self, sink: &str) -> impl Future<Output = Result<u64>> + Send;
 }
 
-/// A database sink: the [`Sink`] contract over a [`Database`].
-pub struct DbSink<D> {
-    name: String,
-    db: D,
-    in_txn: bool,
-    ensured: HashMap<TableId, Arc<TargetTable>>,
-    newest_commit_micros: i64,
-    /// Committed units not durable yet, with the WAL position they are durable at, and
-    /// when they committed.
-    pending: VecDeque<(u64, Checkpoint, Instant)>,
+/// Lane `l`'s offsets rows store `partition | l << LANE_SHIFT` as their partition (lane 0
+/// stores the partition itself, as a sink without lanes does).
+const LANE_SHIFT: u32 = 16;
+
+/// An offset as lane `lane` stores it.
+fn on_lane(offset: &StreamOffset, lane: usize) -> StreamOffset {
+    StreamOffset { partition: offset.partition | ((lane as i32) << LANE_SHIFT), ..offset.clone() }
 }
 
-impl<D: Database> DbSink<D> {
-    pub fn new(name: impl Into<String>, db: D) -> Self {
-        Self {
-            name: name.into(),
-            db,
-            in_txn: false,
-            ensured: HashMap::new(),
-            newest_commit_micros: 0,
-            pending: VecDeque::new(),
+/// What the stored offsets rows of a sink with `lanes` lanes mean: per stream and
+/// partition the lowest position of its lanes (where the sink resumes), the position each
+/// lane applied up to in `stream` if they stopped apart (empty if not), and whether the
+/// rows were written by another number of lanes (then every lane resumes from the lowest
+/// and the next commit rewrites them).
+fn merge_lanes(rows: Vec<StreamOffset>, lanes: usize, stream: &str) -> (Vec<StreamOffset>, Vec<Position>, bool) {
+    // Per (stream, partition): (lane, row).
+    let mut groups: BTreeMap<(String, i32), Vec<(usize, StreamOffset)>> = BTreeMap::new();
+    for row in rows {
+        let lane = (row.partition >> LANE_SHIFT) as usize;
+        let row = StreamOffset { partition: row.partition & ((1 << LANE_SHIFT) - 1), ..row };
+        groups.entry((row.stream.clone(), row.partition)).or_default().push((lane, row));
+    }
+    let mut floors = Vec::new();
+    let mut reshape = false;
+    let mut merged = Vec::with_capacity(groups.len());
+    for ((name, _), mut group) in groups {
+        group.sort_by_key(|(lane, _)| *lane);
+        if name == stream {
+            let complete = group.len() == lanes && group.iter().enumerate().all(|(i, (lane, _))| i == *lane);
+            reshape |= !complete;
+            let positions: Vec<Position> = group.iter().map(|(_, o)| o.position).collect();
+            if complete && positions.iter().any(|p| *p != positions[0]) {
+                floors = positions;
+            }
         }
+        merged.extend(group.into_iter().map(|(_, o)| o).min_by_key(|o| o.position));
     }
+    (merged, floors, reshape)
+}
 
-    /// The pending checkpoints durable once the WAL is flushed up to `flushed`, in order.
-    fn release(&mut self, flushed: u64) -> Vec<Checkpoint> {
-        let durable = self.pending.iter().take_while(|(lsn, ..)| *lsn <= flushed).count();
-        self.pending.drain(..durable).map(|(_, cp, _)| cp).collect()
-    }
+/// Each row's lane: a hash of its key's text (FNV-1a, then MurmurHash3's finalizer) modulo
+/// `lanes`. It must not change across restarts and versions: lanes' stored positions
+/// depend on it (pinned by a test).
+fn lanes_of(rows: &MappedRows, lanes: usize) -> Result<Vec<usize>> {
+    let options = arrow::util::display::FormatOptions::default();
+    let formatters = rows
+        .target
+        .key
+        .iter()
+        .map(|k| arrow::util::display::ArrayFormatter::try_new(rows.columns.column(*k).as_ref(), &options))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .context("hash keys into lanes")?;
+    let mut text = String::new();
+    (0..rows.columns.num_rows())
+        .map(|i| {
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for f in &formatters {
+                text.clear();
+                f.value(i).write(&mut text).context("hash keys into lanes")?;
+                for b in text.bytes().chain([0xff]) {
+                    hash = (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+                }
+            }
+            // FNV's low bits follow the bytes' low bits alone: mix before the modulo.
+            hash = (hash ^ (hash >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+            hash = (hash ^ (hash >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+            Ok(((hash ^ (hash >> 33)) % lanes as u64) as usize)
+        })
+        .collect()
+}
 
-    async fn ensure(&mut self, target: &Arc<TargetTable>) -> Result<()> {
-        if self.ensured.get(&target.name).is_some_and(|t| Arc::ptr_eq(t, target) || t.as_ref() == target.as_ref()) {
-            return Ok(());
-        }
-        self.db.ensure_table(target).await?;
-        self.ensured.insert(target.name.clone(), target.clone());
-        Ok(())
-    }
+/// One connection of a database sink, with its transaction.
+struct Lane<D> {
+    db: D,
+    in_txn: bool,
+}
 
+impl<D: Database> Lane<D> {
     async fn begin(&mut self, targets: &[Arc<TargetTable>]) -> Result<()> {
         if !self.in_txn {
             self.db.begin(targets).await?;
@@ -158,9 +212,19 @@ impl<D: Database> DbSink<D> {
         Ok(())
     }
 
+    /// Commits the open transaction without offsets, if there is one.
+    async fn barrier(&mut self, sink: &str) -> Result<()> {
+        if self.in_txn {
+            self.db.commit(sink, &[]).await?;
+            self.in_txn = false;
+        }
+        Ok(())
+    }
+
     /// Applies a part under a savepoint, isolating rejected rows by bisection.
     async fn apply_part(
         &mut self,
+        sink: &str,
         target: &TargetTable,
         op: PartOp<'_>,
         part: &Part,
@@ -175,7 +239,7 @@ impl<D: Database> DbSink<D> {
                     self.db.rollback_to_savepoint().await?;
                     if p.len() == 1 {
                         let meta = p.meta[0];
-                        tracing::warn!(sink = %self.name, table = %target.name, error = %error.chain(), "row rejected: dead-lettered");
+                        tracing::warn!(sink = %sink, table = %target.name, error = %error.chain(), "row rejected: dead-lettered");
                         dead.push(DeadLetter {
                             source: target.source.clone(),
                             target: Some(target.name.clone()),
@@ -197,7 +261,7 @@ impl<D: Database> DbSink<D> {
     }
 
     /// Applies reduced steps into the open transaction and returns the dead letters.
-    async fn apply_steps(&mut self, steps: &[Step], guarded: bool) -> Result<Vec<DeadLetter>> {
+    async fn apply_steps(&mut self, sink: &str, steps: &[Step], guarded: bool) -> Result<Vec<DeadLetter>> {
         let mut dead = Vec::new();
         for step in steps {
             match step {
@@ -205,13 +269,156 @@ impl<D: Database> DbSink<D> {
                 Step::DeadLetter(d) => dead.push(d.clone()),
                 Step::Apply(r) if guarded => {
                     for (op, part) in parts(r) {
-                        self.apply_part(&r.target, op, part, &mut dead).await?;
+                        self.apply_part(sink, &r.target, op, part, &mut dead).await?;
                     }
                 }
                 Step::Apply(r) => self.db.apply_parts(&r.target, &parts(r).collect::<Vec<_>>()).await?,
             }
         }
         Ok(dead)
+    }
+
+    /// Applies `items` into this lane's transaction (opening it on `targets`) and stores
+    /// the rows it rejects as dead letters; returns the steps applied.
+    async fn write(&mut self, sink: &str, targets: &[Arc<TargetTable>], items: &[SinkItem]) -> Result<Vec<Step>> {
+        let steps = reduce(items)?;
+        if steps.is_empty() {
+            return Ok(steps);
+        }
+        let dead = if self.in_txn {
+            self.apply_steps(sink, &steps, true).await?
+        } else {
+            // The first write of a transaction: unguarded, retried guarded if rejected.
+            self.begin(targets).await?;
+            match self.apply_steps(sink, &steps, false).await {
+                Ok(dead) => dead,
+                Err(error) if error.disposition() == Disposition::DeadLetter => {
+                    tracing::info!(sink = %sink, error = %error.chain(), "a part was rejected: applying the unit again part by part");
+                    self.db.rollback().await?;
+                    self.in_txn = false;
+                    self.begin(targets).await?;
+                    self.apply_steps(sink, &steps, true).await?
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        if !dead.is_empty() {
+            metrics::counter!(m::DEAD_LETTERS_TOTAL, "sink" => sink.to_string()).increment(dead.len() as u64);
+            self.db.dead_letters(sink, &dead).await?;
+        }
+        Ok(steps)
+    }
+}
+
+/// A database sink: the [`Sink`] contract over one or more connections ([`Lane`]s) to a
+/// [`Database`] (see the module documentation for lanes).
+pub struct DbSink<D> {
+    name: String,
+    /// The source stream (slot) whose changes lanes split (direct mode).
+    stream: String,
+    lanes: Vec<Lane<D>>,
+    ensured: HashMap<TableId, Arc<TargetTable>>,
+    newest_commit_micros: i64,
+    /// Committed units not durable yet, with the WAL position they are durable at, and
+    /// when they committed.
+    pending: VecDeque<(u64, Checkpoint, Instant)>,
+    /// The open unit goes through lane 0 alone, which commits every lane's offsets.
+    serial: bool,
+    /// Per lane, the newest position it applied, while lanes are apart after a crash
+    /// between their commits: a replayed row is skipped by the lane that applied it.
+    floors: Vec<Position>,
+    /// The stored offsets were written by another number of lanes: the next unit is
+    /// serial and rewrites them.
+    reshape: bool,
+}
+
+impl<D: Database> DbSink<D> {
+    /// A sink over one connection.
+    pub fn new(name: impl Into<String>, db: D) -> Self {
+        Self::with_lanes(name, String::new(), vec![db])
+    }
+
+    /// A sink applying `stream`'s changes over one connection per database in `dbs`.
+    pub fn with_lanes(name: impl Into<String>, stream: impl Into<String>, dbs: Vec<D>) -> Self {
+        Self {
+            name: name.into(),
+            stream: stream.into(),
+            lanes: dbs.into_iter().map(|db| Lane { db, in_txn: false }).collect(),
+            ensured: HashMap::new(),
+            newest_commit_micros: 0,
+            pending: VecDeque::new(),
+            serial: false,
+            floors: Vec::new(),
+            reshape: false,
+        }
+    }
+
+    /// The pending checkpoints durable once the WAL is flushed up to `flushed`, in order.
+    fn release(&mut self, flushed: u64) -> Vec<Checkpoint> {
+        let durable = self.pending.iter().take_while(|(lsn, ..)| *lsn <= flushed).count();
+        self.pending.drain(..durable).map(|(_, cp, _)| cp).collect()
+    }
+
+    /// Commits the open transactions of lanes `from..` without offsets. Lanes apply
+    /// disjoint keys, so only a statement that concerns them all (a truncate, DDL) has to
+    /// wait for the others' transactions: committed early, their rows are replayed
+    /// idempotently after a crash.
+    async fn barrier(&mut self, from: usize) -> Result<()> {
+        for lane in self.lanes.iter_mut().skip(from) {
+            lane.barrier(&self.name).await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure(&mut self, target: &Arc<TargetTable>) -> Result<()> {
+        if self.ensured.get(&target.name).is_some_and(|t| Arc::ptr_eq(t, target) || t.as_ref() == target.as_ref()) {
+            return Ok(());
+        }
+        if self.lanes.len() > 1 {
+            // Lane 0 may change the table; every lane must see it.
+            self.barrier(0).await?;
+        }
+        for lane in &mut self.lanes {
+            lane.db.ensure_table(target).await?;
+        }
+        self.ensured.insert(target.name.clone(), target.clone());
+        Ok(())
+    }
+
+    /// Drops the rows a lane applied already (lanes apart after a crash).
+    fn after_floors(&self, items: Vec<SinkItem>) -> Result<Vec<SinkItem>> {
+        let Some(newest) = self.floors.iter().max() else { return Ok(items) };
+        let mut kept = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                SinkItem::Rows(rows) if rows.meta.iter().any(|m| m.position <= *newest) => {
+                    let lanes = lanes_of(&rows, self.lanes.len())?;
+                    let keep: Vec<bool> =
+                        rows.meta.iter().zip(&lanes).map(|(m, lane)| m.position > self.floors[*lane]).collect();
+                    kept.extend(rows.filter(&keep)?.map(SinkItem::Rows));
+                }
+                other => kept.push(other),
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Each lane's share of `items`, by key; other items go to lane 0.
+    fn split(&self, items: Vec<SinkItem>) -> Result<Vec<Vec<SinkItem>>> {
+        let mut shares: Vec<Vec<SinkItem>> = (0..self.lanes.len()).map(|_| Vec::new()).collect();
+        for item in items {
+            match item {
+                SinkItem::Rows(rows) => {
+                    let lanes = lanes_of(&rows, self.lanes.len())?;
+                    for (l, share) in shares.iter_mut().enumerate() {
+                        let keep: Vec<bool> = lanes.iter().map(|x| *x == l).collect();
+                        share.extend(rows.select(&keep)?.map(SinkItem::Rows));
+                    }
+                }
+                other => shares[0].push(other),
+            }
+        }
+        Ok(shares)
     }
 
     /// Counts what applied steps did, once they are in the transaction for good.
@@ -235,6 +442,46 @@ impl<D: Database> DbSink<D> {
             }
         }
     }
+
+    /// Lane 0 stores every lane's offsets (rewriting them all if they were written by
+    /// another number of lanes) and commits.
+    async fn commit_serial(&mut self, offsets: &[StreamOffset]) -> Result<Durable> {
+        let all: Vec<StreamOffset> =
+            (0..self.lanes.len()).flat_map(|l| offsets.iter().map(move |o| on_lane(o, l))).collect();
+        let lane = &mut self.lanes[0];
+        lane.begin(&[]).await?;
+        if self.reshape && !offsets.is_empty() {
+            lane.db.clear_offsets(&self.name, &self.stream).await?;
+            self.reshape = false;
+        }
+        let durable = lane.db.commit(&self.name, &all).await?;
+        lane.in_txn = false;
+        Ok(durable)
+    }
+
+    /// Every lane stores its own offsets and commits, all at once.
+    async fn commit_lanes(&mut self, offsets: &[StreamOffset]) -> Result<Durable> {
+        let name = self.name.as_str();
+        let commits = self.lanes.iter_mut().enumerate().map(|(l, lane)| async move {
+            let mine: Vec<StreamOffset> = offsets.iter().map(|o| on_lane(o, l)).collect();
+            lane.begin(&[]).await?;
+            let durable = lane.db.commit(name, &mine).await?;
+            lane.in_txn = false;
+            Ok::<_, crate::error::Error>(durable)
+        });
+        let all = futures::future::try_join_all(commits).await?;
+        Ok(all.into_iter().fold(Durable::Now, |a, b| match (a, b) {
+            (Durable::Now, x) | (x, Durable::Now) => x,
+            (Durable::At { lsn: a, flushed: fa }, Durable::At { lsn: b, flushed: fb }) => {
+                Durable::At { lsn: a.max(b), flushed: fa.min(fb) }
+            }
+        }))
+    }
+
+    async fn read(&mut self) -> Result<(Vec<StreamOffset>, Vec<Position>, bool)> {
+        let rows = self.lanes[0].db.read_offsets(&self.name).await?;
+        Ok(merge_lanes(rows, self.lanes.len(), &self.stream))
+    }
 }
 
 /// A reduced target's parts in the order they apply: deletes, upserts, partial updates.
@@ -246,16 +493,22 @@ fn parts(r: &Reduced) -> impl Iterator<Item = (PartOp<'_>, &Part)> {
 
 impl<D: Database> Sink for DbSink<D> {
     async fn open(&mut self) -> Result<Vec<StreamOffset>> {
-        self.db.connect().await?;
-        self.in_txn = false;
+        for lane in &mut self.lanes {
+            lane.db.connect().await?;
+            lane.in_txn = false;
+        }
         self.ensured.clear();
         self.pending.clear();
-        self.db.read_offsets(&self.name).await
+        self.serial = false;
+        let (offsets, floors, reshape) = self.read().await?;
+        self.floors = floors;
+        self.reshape = reshape;
+        Ok(offsets)
     }
 
     async fn offsets(&mut self) -> Result<Vec<StreamOffset>> {
-        self.db.connect().await?;
-        self.db.read_offsets(&self.name).await
+        self.lanes[0].db.connect().await?;
+        Ok(self.read().await?.0)
     }
 
     async fn write(&mut self, items: Vec<SinkItem>) -> Result<()> {
@@ -272,36 +525,39 @@ impl<D: Database> Sink for DbSink<D> {
                 targets.push(target.clone());
             }
         }
-        let steps = reduce(&items)?;
-        let dead = if self.in_txn {
-            self.apply_steps(&steps, true).await?
-        } else {
-            // The first write of a transaction: unguarded, retried guarded if rejected.
-            self.begin(&targets).await?;
-            match self.apply_steps(&steps, false).await {
-                Ok(dead) => dead,
-                Err(error) if error.disposition() == Disposition::DeadLetter => {
-                    tracing::info!(sink = %self.name, error = %error.chain(), "a part was rejected: applying the unit again part by part");
-                    self.db.rollback().await?;
-                    self.in_txn = false;
-                    self.begin(&targets).await?;
-                    self.apply_steps(&steps, true).await?
-                }
-                Err(error) => return Err(error),
-            }
-        };
-        self.applied(&steps);
-        if !dead.is_empty() {
-            metrics::counter!(m::DEAD_LETTERS_TOTAL, "sink" => self.name.clone()).increment(dead.len() as u64);
-            self.db.dead_letters(&self.name, &dead).await?;
+        let items = self.after_floors(items)?;
+        let truncates = items.iter().any(|i| matches!(i, SinkItem::Truncate { .. }));
+        if self.lanes.len() > 1 && !self.serial && (truncates || self.reshape) {
+            // A truncate concerns every key: the other lanes' rows before it are committed
+            // first, and lane 0 applies the rest of the unit.
+            self.barrier(1).await?;
+            self.serial = true;
+        }
+        if self.lanes.len() == 1 || self.serial {
+            let steps = self.lanes[0].write(&self.name, &targets, &items).await?;
+            self.applied(&steps);
+            return Ok(());
+        }
+        let shares = self.split(items)?;
+        let name = self.name.as_str();
+        let targets = &targets;
+        let writes = self.lanes.iter_mut().zip(&shares).map(|(lane, share)| lane.write(name, targets, share));
+        for steps in futures::future::try_join_all(writes).await? {
+            self.applied(&steps);
         }
         Ok(())
     }
 
     async fn commit(&mut self, checkpoint: &Checkpoint, offsets: Vec<StreamOffset>) -> Result<Vec<Checkpoint>> {
-        self.begin(&[]).await?;
-        let durable = self.db.commit(&self.name, &offsets).await?;
-        self.in_txn = false;
+        let durable = if self.lanes.len() == 1 || self.serial || self.reshape {
+            self.commit_serial(&offsets).await?
+        } else {
+            self.commit_lanes(&offsets).await?
+        };
+        self.serial = false;
+        if self.floors.iter().max().is_some_and(|newest| checkpoint.position >= *newest) {
+            self.floors.clear();
+        }
         if self.newest_commit_micros > 0 {
             let lag = (chrono::Utc::now().timestamp_micros() - self.newest_commit_micros).max(0) as f64 / 1e6;
             metrics::gauge!(m::REPLICATION_LAG_SECONDS, "sink" => self.name.clone()).set(lag);
@@ -320,15 +576,15 @@ impl<D: Database> Sink for DbSink<D> {
     async fn tick(&mut self, force: bool) -> Result<Vec<Checkpoint>> {
         let waited = self.pending.front().is_some_and(|(.., at)| force || at.elapsed() >= FLUSH_AFTER);
         // Not while a transaction larger than a unit is being written into.
-        if !waited || self.in_txn {
+        if !waited || self.lanes.iter().any(|l| l.in_txn) {
             return Ok(Vec::new());
         }
-        let flushed = self.db.flush(&self.name).await?;
+        let flushed = self.lanes[0].db.flush(&self.name).await?;
         Ok(self.release(flushed))
     }
 
     async fn snapshot_begin(&mut self, targets: &[Arc<TargetTable>], stream: &str) -> Result<()> {
-        let held = self.db.read_offsets(&self.name).await?;
+        let held = self.lanes[0].db.read_offsets(&self.name).await?;
         if !held.iter().any(|o| o.stream == stream) {
             return Ok(());
         }
@@ -336,13 +592,97 @@ impl<D: Database> Sink for DbSink<D> {
         for t in targets {
             self.ensure(t).await?;
         }
-        self.begin(&[]).await?;
+        self.barrier(0).await?;
+        let lane = &mut self.lanes[0];
+        lane.begin(&[]).await?;
         for t in targets {
-            self.db.truncate(t).await?;
+            lane.db.truncate(t).await?;
         }
-        self.db.clear_offsets(&self.name, stream).await?;
-        self.db.commit(&self.name, &[]).await?;
-        self.in_txn = false;
+        lane.db.clear_offsets(&self.name, stream).await?;
+        lane.db.commit(&self.name, &[]).await?;
+        lane.in_txn = false;
+        if stream == self.stream {
+            self.floors.clear();
+            self.reshape = false;
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(stream: &str, part: i32, lsn: u64) -> StreamOffset {
+        StreamOffset {
+            stream: stream.into(),
+            partition: part,
+            next_offset: 0,
+            position: Position { lsn, seq: 0 },
+            generation: 0,
+            from_offset: None,
+        }
+    }
+
+    #[test]
+    fn lanes_apart_resume_from_the_lowest_with_a_floor_each() {
+        let rows = vec![stored("slot", 1 << LANE_SHIFT, 10), stored("slot", 0, 20)];
+        let (merged, floors, reshape) = merge_lanes(rows, 2, "slot");
+        assert_eq!(merged, vec![stored("slot", 0, 10)]);
+        assert_eq!(floors, vec![Position { lsn: 20, seq: 0 }, Position { lsn: 10, seq: 0 }]);
+        assert!(!reshape);
+        let (_, floors, _) = merge_lanes(vec![stored("slot", 0, 20), stored("slot", 1 << LANE_SHIFT, 20)], 2, "slot");
+        assert!(floors.is_empty(), "lanes together need no floors");
+    }
+
+    #[test]
+    fn rows_of_another_number_of_lanes_are_rewritten() {
+        for (rows, lanes) in [
+            (vec![stored("slot", 0, 20)], 2),
+            (vec![stored("slot", 0, 20), stored("slot", 1 << LANE_SHIFT, 10)], 1),
+            (vec![stored("slot", 0, 20), stored("slot", 2 << LANE_SHIFT, 10)], 2),
+        ] {
+            let lowest = rows.iter().map(|r| r.position).min();
+            let (merged, floors, reshape) = merge_lanes(rows, lanes, "slot");
+            assert!(reshape && floors.is_empty());
+            assert_eq!(merged.iter().map(|o| o.position).min(), lowest);
+            assert!(merged.iter().all(|o| o.partition == 0));
+        }
+        // Kafka partitions of other streams are kept as they are.
+        let (merged, _, reshape) = merge_lanes(vec![stored("topic", 3, 5), stored("topic", 0, 7)], 1, "");
+        assert_eq!(merged, vec![stored("topic", 0, 7), stored("topic", 3, 5)]);
+        assert!(!reshape);
+    }
+
+    #[test]
+    fn a_key_keeps_its_lane() {
+        use arrow::array::{Int64Array, RecordBatch, StringArray};
+        use arrow::datatypes::{DataType, Field, Schema};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+        ]));
+        let ids = Int64Array::from_iter_values(1..=12);
+        let names = StringArray::from_iter_values((1..=12).map(|i| format!("n{i}")));
+        let rows = MappedRows {
+            target: Arc::new(TargetTable {
+                name: TableId::new("public", "t"),
+                source: TableId::new("public", "t"),
+                schema: schema.clone(),
+                key: vec![0],
+            }),
+            columns: RecordBatch::try_new(schema, vec![Arc::new(ids), Arc::new(names)]).expect("batch"),
+            ops: vec![crate::mapper::RowOp::Upsert; 12],
+            meta: vec![],
+        };
+        // Pinned: stored lane positions depend on these never changing.
+        assert_eq!(lanes_of(&rows, 2).expect("lanes"), [0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0]);
+        assert_eq!(lanes_of(&rows, 3).expect("lanes"), [0, 1, 2, 2, 0, 0, 0, 2, 1, 1, 2, 1]);
+    }
+
+    #[test]
+    fn an_offset_on_lane_zero_is_stored_as_it_is() {
+        assert_eq!(on_lane(&stored("t", 3, 1), 0), stored("t", 3, 1));
+        assert_eq!(on_lane(&stored("t", 3, 1), 2), stored("t", 3 | 2 << LANE_SHIFT, 1));
     }
 }

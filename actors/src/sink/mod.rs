@@ -87,29 +87,20 @@ pub struct WriterOptions {
 }
 
 /// Drops the rows of `items` at or before `floor` (already durable in this sink).
-fn after_floor(items: Vec<SinkItem>, floor: Position) -> Vec<SinkItem> {
-    items
-        .into_iter()
-        .filter_map(|item| match item {
+fn after_floor(items: Vec<SinkItem>, floor: Position) -> Result<Vec<SinkItem>> {
+    let mut kept = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
             SinkItem::Rows(rows) => {
-                if rows.meta.iter().all(|m| m.position > floor) {
-                    return Some(SinkItem::Rows(rows));
-                }
                 let keep: Vec<bool> = rows.meta.iter().map(|m| m.position > floor).collect();
-                if !keep.contains(&true) {
-                    return None;
-                }
-                let mask = arrow::array::BooleanArray::from(keep.clone());
-                let columns = arrow::compute::filter_record_batch(&rows.columns, &mask).ok()?;
-                let ops = rows.ops.into_iter().zip(&keep).filter(|(_, k)| **k).map(|(x, _)| x).collect();
-                let meta = rows.meta.into_iter().filter(|m| m.position > floor).collect();
-                Some(SinkItem::Rows(crate::mapper::MappedRows { target: rows.target, columns, ops, meta }))
+                kept.extend(rows.filter(&keep)?.map(SinkItem::Rows));
             }
-            SinkItem::Truncate { meta, .. } if meta.position <= floor => None,
-            SinkItem::DeadLetter(d) if d.position <= floor => None,
-            other => Some(other),
-        })
-        .collect()
+            SinkItem::Truncate { meta, .. } if meta.position <= floor => {}
+            SinkItem::DeadLetter(d) if d.position <= floor => {}
+            other => kept.push(other),
+        }
+    }
+    Ok(kept)
 }
 
 /// Items with their row count, kept as they are added and taken.
@@ -195,7 +186,7 @@ pub async fn run<S: Sink>(
         match event {
             SinkEvent::Items(items) => {
                 match floor {
-                    Some(floor) => tail.extend(after_floor(items, floor)),
+                    Some(floor) => tail.extend(after_floor(items, floor)?),
                     None => tail.extend(items),
                 }
                 if unit.rows + tail.rows >= options.max_unit_rows {
@@ -255,8 +246,15 @@ async fn flush<S: Sink>(
 /// How to build a sink of any kind, once per writer incarnation.
 #[derive(Debug, Clone)]
 pub enum SinkSpec {
-    Postgres { config: Box<tokio_postgres::Config> },
-    Mysql { url: String },
+    /// `lanes` connections apply disjoint keys of `stream` at once (see [`db`]).
+    Postgres {
+        config: Box<tokio_postgres::Config>,
+        lanes: usize,
+        stream: String,
+    },
+    Mysql {
+        url: String,
+    },
     Parquet(parquet::ParquetOptions),
 }
 
@@ -271,10 +269,14 @@ impl SinkSpec {
     /// A fresh, unconnected sink named `name`.
     pub fn build(&self, name: &str) -> Result<AnySink> {
         Ok(match self {
-            SinkSpec::Postgres { config } => AnySink::Postgres(Box::new(db::DbSink::new(
-                name,
-                postgres::PgDatabase::new(config.as_ref().clone(), name),
-            ))),
+            SinkSpec::Postgres { config, lanes, stream } => {
+                let lane = |l: usize| match l {
+                    0 => postgres::PgDatabase::new(config.as_ref().clone(), name),
+                    l => postgres::PgDatabase::new(config.as_ref().clone(), format!("{name} (lane {l})")),
+                };
+                let dbs = (0..(*lanes).max(1)).map(lane).collect();
+                AnySink::Postgres(Box::new(db::DbSink::with_lanes(name, stream.clone(), dbs)))
+            }
             SinkSpec::Mysql { url } => {
                 AnySink::Mysql(Box::new(db::DbSink::new(name, mysql::MySqlDatabase::new(url, name)?)))
             }

@@ -85,13 +85,18 @@ pub struct Args {
     /// discarding end.
     #[arg(long, conflicts_with_all = ["source_only", "sinks_only"])]
     pub kafka_only: bool,
-    /// Extra librdkafka settings for --kafka-only (`--kafka-option linger.ms=20`, repeatable).
+    /// Extra librdkafka settings for the Kafka transport, in --kafka-only and in the
+    /// daemon's `[transport.options]` (`--kafka-option linger.ms=20`, repeatable).
     #[arg(long, value_parser = parse_key_value)]
     pub kafka_option: Vec<(String, String)>,
     /// Settings of the daemon's `[pipeline]` section (`--pipeline mailbox_rows=1024`,
     /// repeatable), to compare tunings on the same workload.
     #[arg(long, value_parser = parse_key_value)]
     pub pipeline: Vec<(String, String)>,
+    /// Connections the PostgreSQL sink applies over (its `lanes`; direct transport and
+    /// --sinks-only).
+    #[arg(long, default_value_t = 1)]
+    pub pg_lanes: usize,
     /// Sink kinds for --sinks-only.
     #[arg(long, value_delimiter = ',', default_value = "postgres,mysql,parquet")]
     pub sink_kinds: Vec<String>,

@@ -17,7 +17,8 @@ pub const CATCHUP_USERS: u64 = 10_000;
 /// The local broker (tansu 0.6) holds every fetch for `fetch.wait.max.ms` even when data
 /// is there, so a change waits 1.5 times that on average: a short wait, as
 /// `conf/kafka.toml` advises for it (a Kafka broker answers as soon as data arrives).
-const TANSU_OPTIONS: &str = "options = { \"fetch.wait.max.ms\" = \"5\" }";
+/// librdkafka settings for the bundled broker (tansu), before `--kafka-option`s.
+const TANSU_OPTIONS: [(&str, &str); 1] = [("fetch.wait.max.ms", "5")];
 const PORT: u16 = 7891;
 /// How long any one phase may take before the benchmark gives up on it.
 const PHASE_LIMIT: Duration = Duration::from_secs(1800);
@@ -189,10 +190,15 @@ impl Bench {
         self.dir.join("lake")
     }
 
-    fn sink_toml(&self, kind: &str) -> String {
+    fn sink_toml(&self, kind: &str, transport: Transport) -> String {
         match kind {
             "postgres" => {
-                format!("[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\nurl = \"{}\"\n", self.url("bench_t_pg"))
+                // Through Kafka a sink applies over one connection.
+                let lanes = if transport == Transport::Direct { self.args.pg_lanes } else { 1 };
+                format!(
+                    "[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\nurl = \"{}\"\nlanes = {lanes}\n",
+                    self.url("bench_t_pg")
+                )
             }
             "mysql" => format!(
                 "[[sink]]\nname = \"mysql\"\nkind = \"mysql\"\nurl = \"{}\"\nmapping = \"{}\"\n",
@@ -237,14 +243,20 @@ impl Bench {
             Transport::Direct => String::new(),
             Transport::Kafka => {
                 let prefix = format!("bench{}", chrono::Utc::now().timestamp_millis());
+                let options = TANSU_OPTIONS.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+                let options: Vec<String> = options
+                    .chain(self.args.kafka_option.iter().cloned())
+                    .map(|(k, v)| format!("{k:?} = {v:?}"))
+                    .collect();
                 format!(
                     "[transport]\nkind = \"kafka\"\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\ngroup = \"{prefix}\"\n\
-                     {TANSU_OPTIONS}\n",
-                    self.args.kafka
+                     options = {{ {} }}\n",
+                    self.args.kafka,
+                    options.join(", ")
                 )
             }
         };
-        let sinks: String = sinks.iter().map(|k| self.sink_toml(k)).collect();
+        let sinks: String = sinks.iter().map(|k| self.sink_toml(k, transport)).collect();
         let pipeline: String = self.args.pipeline.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
         let toml = format!(
             "[daemon]\nhttp = \"127.0.0.1:{PORT}\"\nstate_dir = \"{}\"\n\n[source]\nkind = \"postgres\"\nurl = \"{}\"\n\

@@ -250,7 +250,8 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<SinkFigures> {
         let spec = match kind {
             "postgres" => {
                 bench.fresh_pg("bench_t_pg").await?;
-                SinkSpec::Postgres { config: Box::new(bench.url("bench_t_pg").parse().context("sink url")?) }
+                let config = Box::new(bench.url("bench_t_pg").parse().context("sink url")?);
+                SinkSpec::Postgres { config, lanes: bench.args.pg_lanes, stream: "bench".into() }
             }
             "mysql" => {
                 bench.fresh_mysql("bench_t_my").await?;
