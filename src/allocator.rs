@@ -18,5 +18,30 @@
 //! without being asked; there, run the daemon with `MIMALLOC_ALLOW_THP=0` (mimalloc then
 //! turns them off for the process).
 
+//!
+//! glibc's malloc still serves C code: librdkafka (the Kafka transport) and its
+//! compression libraries. It gives each thread that allocates an arena of its own (up to
+//! eight per core), and librdkafka's threads free messages another thread allocated, so
+//! arenas fill with freed, unreturned memory: Kafka snapshot peak RSS was 140 / 167 / 183
+//! MB (PostgreSQL / MariaDB / Parquet sink). [`limit_c_arenas`] caps them at two, as
+//! `MALLOC_ARENA_MAX=2` does (which, when set, it leaves to glibc).
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Caps glibc's malloc arenas at two (see the module documentation). Call first in
+/// `main`, before any thread starts.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn limit_c_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt sets a parameter of glibc's allocator; no memory is touched.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+/// Other C libraries: their allocator as it is.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn limit_c_arenas() {}

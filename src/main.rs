@@ -45,6 +45,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    sluice::allocator::limit_c_arenas();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -72,7 +72,10 @@ pub fn create(kafka: &KafkaOptions) -> Result<FutureProducer> {
         .set("batch.num.messages", "10000")
         .set("batch.size", "1000000")
         .set("queue.buffering.max.messages", "100000")
-        .set("queue.buffering.max.kbytes", "16384")
+        // Most of the daemon's memory through Kafka: 16 MB here cost 45-75 MB of peak RSS
+        // over 4 MB (messages and their copies in glibc arenas), for the same rate into
+        // tansu. 4 MB is four full batches.
+        .set("queue.buffering.max.kbytes", "4096")
         .set("message.timeout.ms", "300000");
     kafka.finish(&mut config).create().context("create Kafka producer")
 }
