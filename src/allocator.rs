@@ -17,7 +17,6 @@
 //! `/sys/kernel/mm/transparent_hugepage/enabled` is `always` the kernel uses huge pages
 //! without being asked; there, run the daemon with `MIMALLOC_ALLOW_THP=0` (mimalloc then
 //! turns them off for the process).
-
 //!
 //! glibc's malloc still serves C code: librdkafka (the Kafka transport) and its
 //! compression libraries. It gives each thread that allocates an arena of its own (up to

@@ -43,9 +43,9 @@ pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: u64 = 250_000;
 /// An idle source confirms its position this often (keeps the slot from holding WAL).
 pub const DEFAULT_HEARTBEAT_SECS: u64 = 10;
 pub const DEFAULT_ROTATE_ROWS: usize = 100_000;
+pub const DEFAULT_ROTATE_SECS: u64 = 60;
 /// The most connections a PostgreSQL sink applies over (`sink.lanes`).
 pub const MAX_LANES: usize = 16;
-pub const DEFAULT_ROTATE_SECS: u64 = 60;
 pub const DEFAULT_BACKOFF_BASE_MS: u64 = 500;
 pub const DEFAULT_BACKOFF_MAX_MS: u64 = 30_000;
 /// Ten restarts in five minutes: a transient outage recovers, a permanent one escalates.

@@ -100,8 +100,9 @@ pub fn sink_plans(config: &Config, base: &Path) -> anyhow::Result<Vec<SinkPlan>>
                     let url = s.url.clone().unwrap_or_default();
                     let pg: tokio_postgres::Config =
                         url.parse().with_context(|| format!("sink[{}].url: {}", s.name, mask_url(&url)))?;
-                    let (lanes, stream) = (s.lanes.unwrap_or(1), config.source.slot.clone());
-                    (SinkSpec::Postgres { config: Box::new(pg), lanes, stream }, mask_url(&url))
+                    let lanes = s.lanes.unwrap_or(1);
+                    let spec = SinkSpec::Postgres { config: Box::new(pg), lanes, stream: config.source.slot.clone() };
+                    (spec, mask_url(&url))
                 }
                 SinkKind::Mysql => {
                     let url = s.url.clone().unwrap_or_default();

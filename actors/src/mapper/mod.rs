@@ -88,10 +88,14 @@ impl MappedRows {
         }
     }
 
-    /// Like [`Self::filter`], copying the rows kept.
+    /// Like [`Self::filter`], leaving `self` as it is (the columns are shared, not copied,
+    /// when every row is kept).
     pub fn select(&self, keep: &[bool]) -> Result<Option<Self>> {
         if !keep.contains(&true) {
             return Ok(None);
+        }
+        if !keep.contains(&false) {
+            return Ok(Some(self.clone()));
         }
         let columns = arrow::compute::filter_record_batch(&self.columns, &BooleanArray::from(keep.to_vec()))
             .context("select mapped rows")?;

@@ -24,18 +24,19 @@
 //!
 //! Lanes (`sink.lanes`, PostgreSQL, direct transport): the sink applies over several
 //! connections at once, each a *lane* owning the keys whose text hashes to it (a stable
-//! FNV-1a, so a key keeps its lane across restarts and versions). Each lane commits its
-//! share of a unit with its own offsets row (partition `lane << 16`), so a crash between
-//! lanes' commits leaves them at different positions: on open the sink resumes from the
-//! lowest, and each lane skips the replayed rows it applied already ([`merge_lanes`],
-//! `floors`). What lanes give up is the source transaction's atomicity across keys in the
-//! target (another session may see one lane's share of a transaction before the other's),
-//! and targets must not have foreign keys or unique constraints other than the key between
-//! rows of different lanes. A unit holding a truncate is *serial*: the other lanes commit
-//! what they hold first (without offsets: replaying it is idempotent), then lane 0 applies
-//! the rest and commits every lane's offsets. DDL waits for the lanes' transactions the
-//! same way. Offsets written by another number of lanes make the first unit serial: every
-//! lane resumes from the lowest position and lane 0 rewrites them all.
+//! hash, [`lanes_of`]: a key keeps its lane across restarts and versions). Each lane
+//! commits its share of a unit with its own offsets row (partition `lane << 16`), so a
+//! crash between lanes' commits leaves them at different positions: on open the sink
+//! resumes from the lowest, and each lane skips the replayed rows it applied already
+//! ([`merge_lanes`], `floors`). What lanes give up is the source transaction's atomicity
+//! across keys in the target (another session may see one lane's share of a transaction
+//! before the other's), and targets must not have foreign keys or unique constraints
+//! other than the key between rows of different lanes. A unit holding a truncate is
+//! *serial*: the other lanes commit what they hold first (without offsets: replaying it
+//! is idempotent), then lane 0 applies the rest and commits every lane's offsets. DDL
+//! waits for the lanes' transactions the same way. Offsets written by another number of
+//! lanes make the first unit serial: every lane resumes from the lowest position and lane
+//! 0 rewrites them all.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
