@@ -101,7 +101,8 @@ fn after_unit2() -> State {
 }
 
 enum Target {
-    Pg(PgDb),
+    /// A PostgreSQL database, and the lanes the sink applies over.
+    Pg(PgDb, usize),
     My(MyDb),
     Lake(TempDir),
 }
@@ -109,9 +110,7 @@ enum Target {
 impl Target {
     fn spec(&self) -> SinkSpec {
         match self {
-            Target::Pg(db) => {
-                SinkSpec::Postgres { config: Box::new(db.url.parse().expect("url")), lanes: 1, stream: STREAM.into() }
-            }
+            Target::Pg(db, lanes) => lanes_spec(db, *lanes),
             Target::My(db) => SinkSpec::Mysql { url: db.url.clone() },
             Target::Lake(dir) => {
                 let (store, prefix) =
@@ -129,7 +128,7 @@ impl Target {
 
     async fn state(&self) -> State {
         match self {
-            Target::Pg(db) => {
+            Target::Pg(db, _) => {
                 let rows = db.rows("SELECT id::text, name, balance::text, bio FROM accounts").await;
                 let mut s: State = rows
                     .into_iter()
@@ -250,7 +249,8 @@ pub fn lake_rows(root: &std::path::Path) -> Vec<LakeRow> {
 
 async fn targets() -> Vec<Target> {
     vec![
-        Target::Pg(PgDb::create("sink_pg").await),
+        Target::Pg(PgDb::create("sink_pg").await, 1),
+        Target::Pg(PgDb::create("sink_pg_lanes").await, 2),
         Target::My(MyDb::create("sink_my").await),
         Target::Lake(TempDir::new("sink_lake")),
     ]
@@ -277,29 +277,9 @@ async fn a_crash_between_write_and_commit_applies_nothing_twice_in_each_sink() {
         assert_eq!(target.state().await, after_unit1(), "nothing of the uncommitted unit is visible");
 
         // The source replays from before unit 1: the writer skips what is durable.
-        let (tx, rx) = mailbox::<SinkEvent>("acc.writer", "test", 100);
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let options =
-            WriterOptions { sink: "acc".into(), stream: STREAM.into(), max_unit_rows: 1000, durable: position };
-        let on_commit = {
-            let acked = acked.clone();
-            move |c: Checkpoint| acked.lock().expect("acks").push(c)
-        };
-        let writer = tokio::spawn(sink::run(second, options, rx, on_commit, stop_rx, Faults::default()));
-        for e in [
-            SinkEvent::Items(items(unit1()).await),
-            SinkEvent::Checkpoint(cp(10)),
-            SinkEvent::Items(items(unit2()).await),
-            SinkEvent::Checkpoint(cp(20)),
-        ] {
-            tx.send(e).await.expect("send");
-        }
-        stop_tx.send_replace(true);
-        wait_until("unit 2 acknowledged", Duration::from_secs(20), || async {
-            acked.lock().expect("acks").contains(&cp(20))
-        })
-        .await;
+        let writer = Writer::fed_both_units(second, position, Duration::ZERO).await;
+        writer.stop.send_replace(true);
+        writer.acknowledged(cp(20)).await;
         assert_eq!(target.state().await, after_unit2());
         if let Target::Lake(dir) = &target {
             let log = lake_rows(dir.path());
@@ -316,21 +296,68 @@ async fn a_crash_between_write_and_commit_applies_nothing_twice_in_each_sink() {
                 ("u", Some("bio"), None)
             );
         }
-        writer.abort();
+        writer.task.abort();
+    }
+}
+
+/// A writer actor on a sink, fed units 1 and 2 from a replay of the source.
+struct Writer {
+    /// Kept open: the writer ends when its mailbox closes.
+    _input: sluice_actors::mailbox::Sender<SinkEvent>,
+    acked: Arc<Mutex<Vec<Checkpoint>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<sluice_actors::error::Result<()>>,
+}
+
+impl Writer {
+    /// Starts the writer on `sink` (holding `durable`) and sends it both units' events,
+    /// `pause` apart.
+    async fn fed_both_units(sink: sink::AnySink, durable: Option<Position>, pause: Duration) -> Self {
+        let (input, rx) = mailbox::<SinkEvent>("acc.writer", "test", 100);
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let options = WriterOptions { sink: "acc".into(), stream: STREAM.into(), max_unit_rows: 1000, durable };
+        let on_commit = {
+            let acked = acked.clone();
+            move |c: Checkpoint| acked.lock().expect("acks").push(c)
+        };
+        let task = tokio::spawn(sink::run(sink, options, rx, on_commit, stop_rx, Faults::default()));
+        for e in [
+            SinkEvent::Items(items(unit1()).await),
+            SinkEvent::Checkpoint(cp(10)),
+            SinkEvent::Items(items(unit2()).await),
+            SinkEvent::Checkpoint(cp(20)),
+        ] {
+            input.send(e).await.expect("send");
+            tokio::time::sleep(pause).await;
+        }
+        Writer { _input: input, acked, stop, task }
+    }
+
+    /// Waits until the writer acknowledged `checkpoint`.
+    async fn acknowledged(&self, checkpoint: Checkpoint) {
+        wait_until("the unit acknowledged", Duration::from_secs(20), || async {
+            self.acked.lock().expect("acks").contains(&checkpoint)
+        })
+        .await;
     }
 }
 
 #[tokio::test]
 async fn a_poison_row_is_dead_lettered_and_the_others_are_applied() {
-    let pg = PgDb::create("poison_pg").await;
-    pg.exec("CREATE TABLE accounts (id bigint PRIMARY KEY, name text, balance numeric(12,2) CHECK (balance >= 0), bio text)").await;
+    let mut pgs = Vec::new();
+    for (name, lanes) in [("poison_pg", 1), ("poison_pg_lanes", 2)] {
+        let pg = PgDb::create(name).await;
+        pg.exec("CREATE TABLE accounts (id bigint PRIMARY KEY, name text, balance numeric(12,2) CHECK (balance >= 0), bio text)").await;
+        pgs.push(Target::Pg(pg, lanes));
+    }
     let my = MyDb::create("poison_my").await;
     my.conn()
         .await
         .query_drop("CREATE TABLE accounts (id BIGINT PRIMARY KEY, name LONGTEXT, balance DECIMAL(12,2), bio LONGTEXT, CHECK (balance >= 0))")
         .await
         .expect("create");
-    for target in [Target::Pg(pg), Target::My(my)] {
+    for target in pgs.into_iter().chain([Target::My(my)]) {
         let mut sink = target.spec().build("acc").expect("sink");
         sink.open().await.expect("open");
         let before = vec![
@@ -353,6 +380,8 @@ async fn a_poison_row_is_dead_lettered_and_the_others_are_applied() {
         ];
         sink.write(items(changes).await).await.expect("a rejected row does not fail the unit");
         sink.commit(&cp(10), cp(10).stream_offsets(STREAM)).await.expect("commit");
+        // Lanes commit in the background: wait for them.
+        sink.tick(true).await.expect("flush");
         assert_eq!(
             target.state().await,
             vec![
@@ -366,9 +395,10 @@ async fn a_poison_row_is_dead_lettered_and_the_others_are_applied() {
             .await
             .expect("write");
         sink.commit(&cp(20), cp(20).stream_offsets(STREAM)).await.expect("commit");
+        sink.tick(true).await.expect("flush");
         assert_eq!(target.state().await.len(), 5, "later rows still arrive");
         let letters: Vec<(String, i64, String)> = match &target {
-            Target::Pg(db) => db
+            Target::Pg(db, _) => db
                 .client()
                 .await
                 .query("SELECT op, seq, error FROM sluice_dead_letter WHERE sink = 'acc'", &[])
@@ -401,7 +431,7 @@ async fn a_poison_row_is_dead_lettered_and_the_others_are_applied() {
 async fn snapshot_rows_are_copied_into_the_postgres_target_and_upserted_where_keys_exist() {
     let pg = PgDb::create("snapcopy_pg").await;
     pg.exec("CREATE TABLE accounts (id bigint PRIMARY KEY, name text, balance numeric(12,2) CHECK (balance >= 0), bio text)").await;
-    let target = Target::Pg(pg);
+    let target = Target::Pg(pg, 1);
     let mut sink = target.spec().build("acc").expect("sink");
     sink.open().await.expect("open");
     let read = |seq: u64, id: i64, name: &str, balance: &str| {
@@ -426,7 +456,7 @@ async fn snapshot_rows_are_copied_into_the_postgres_target_and_upserted_where_ke
             (5, "eve".into(), "5.00".into(), None)
         ]
     );
-    let Target::Pg(db) = &target else { unreachable!() };
+    let Target::Pg(db, _) = &target else { unreachable!() };
     let letters = db.rows("SELECT seq::text FROM sluice_dead_letter WHERE sink = 'acc'").await;
     assert_eq!(letters, vec![vec![Some("2".to_string())]]);
 }
@@ -474,13 +504,66 @@ async fn postgres_lanes_resume_each_from_its_own_position() {
     let offsets = sink.open().await.expect("reopen");
     assert_eq!(sluice::pipeline::position_of(&offsets, STREAM), Some(at10), "resumes from the lowest lane");
     sink.write(items(updates).await).await.expect("replay");
-    sink.commit(&cp(20), cp(20).stream_offsets(STREAM)).await.expect("commit");
-    let names: Vec<String> = Target::Pg(db).state().await.into_iter().map(|r| r.1).collect();
+    let mut durable = sink.commit(&cp(20), cp(20).stream_offsets(STREAM)).await.expect("commit");
+    // Lanes commit in the background: the checkpoint comes back once both did.
+    durable.extend(sink.tick(true).await.expect("flush"));
+    assert_eq!(durable, vec![cp(20)]);
+    let names: Vec<String> = Target::Pg(db, 2).state().await.into_iter().map(|r| r.1).collect();
     let replayed = names.iter().filter(|n| *n == "v2").count();
     assert!(
         (5..=35).contains(&replayed),
         "lane 1 applied its keys again ({replayed} of 40), lane 0 skipped its own: {names:?}"
     );
+}
+
+/// A lane that fails while others go on (lanes apply in the background): the error comes
+/// back to the writer, the unit is never acknowledged, and the next incarnation applies it.
+#[tokio::test]
+async fn a_failing_lane_fails_the_unit_and_a_new_incarnation_applies_it() {
+    let db = PgDb::create("lanes_fail_pg").await;
+    let mut sink = lanes_spec(&db, 2).build("acc").expect("sink");
+    sink.open().await.expect("open");
+    sink.write(items(unit1()).await).await.expect("write");
+    let mut durable = sink.commit(&cp(10), cp(10).stream_offsets(STREAM)).await.expect("commit");
+    durable.extend(sink.tick(true).await.expect("flush"));
+    assert_eq!(durable, vec![cp(10)]);
+
+    db.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()").await;
+    let mut acknowledged = Vec::new();
+    let outcome = async {
+        sink.write(items(unit2()).await).await?;
+        acknowledged.extend(sink.commit(&cp(20), cp(20).stream_offsets(STREAM)).await?);
+        acknowledged.extend(sink.tick(true).await?);
+        Ok::<_, sluice_actors::error::Error>(())
+    }
+    .await;
+    assert!(outcome.is_err(), "the lanes' lost connections fail the unit");
+    assert!(acknowledged.is_empty(), "{acknowledged:?}");
+    drop(sink);
+
+    let mut sink = lanes_spec(&db, 2).build("acc").expect("sink");
+    let offsets = sink.open().await.expect("reopen");
+    assert_eq!(sluice::pipeline::position_of(&offsets, STREAM), Some(Position::txn_end(10)));
+    sink.write(items(unit2()).await).await.expect("write");
+    let mut durable = sink.commit(&cp(20), cp(20).stream_offsets(STREAM)).await.expect("commit");
+    durable.extend(sink.tick(true).await.expect("flush"));
+    assert_eq!(durable, vec![cp(20)]);
+    assert_eq!(Target::Pg(db, 2).state().await, after_unit2());
+}
+
+/// The writer acknowledges what lanes commit in the background while it waits for more,
+/// in order, without being told to stop.
+#[tokio::test]
+async fn a_writer_acknowledges_what_its_lanes_commit_in_the_background() {
+    let db = PgDb::create("lanes_writer_pg").await;
+    let mut sink = lanes_spec(&db, 3).build("acc").expect("sink");
+    sink.open().await.expect("open");
+    let writer = Writer::fed_both_units(sink, None, Duration::from_millis(20)).await;
+    writer.acknowledged(cp(20)).await;
+    let acked = writer.acked.lock().expect("acks").clone();
+    assert!(acked == vec![cp(10), cp(20)] || acked == vec![cp(20)], "in order: {acked:?}");
+    assert_eq!(Target::Pg(db, 3).state().await, after_unit2());
+    writer.task.abort();
 }
 
 #[tokio::test]
@@ -498,10 +581,10 @@ async fn postgres_lanes_take_a_truncate_between_rows_and_fewer_lanes_rewrite_the
     sink.write(items(changes[..20].to_vec()).await).await.expect("write");
     sink.write(items(changes[20..].to_vec()).await).await.expect("write");
     sink.commit(&cp(10), cp(10).stream_offsets(STREAM)).await.expect("commit");
-    let target = Target::Pg(db);
+    let target = Target::Pg(db, 2);
     let ids: Vec<i64> = target.state().await.iter().map(|r| r.0).collect();
     assert_eq!(ids, (21..=30).collect::<Vec<_>>());
-    let Target::Pg(db) = &target else { unreachable!() };
+    let Target::Pg(db, _) = &target else { unreachable!() };
     assert_eq!(offsets_rows(db).await, vec![(0, 10), (65536, 10)]);
 
     // One lane now: the stored rows of two lanes are merged and rewritten.

@@ -37,13 +37,24 @@
 //! waits for the lanes' transactions the same way. Offsets written by another number of
 //! lanes make the first unit serial: every lane resumes from the lowest position and lane
 //! 0 rewrites them all.
+//!
+//! Lanes are pipelined: each runs on a task of its own ([`Lane::serve`]) with a queue of
+//! [`LANE_QUEUE`] jobs (writes and commits, in order), so a lane goes on with the next
+//! unit while another still commits this one, and the writer splits the next unit
+//! meanwhile. A unit's checkpoint is released once every lane committed its share (and the
+//! WAL is flushed past those commits); lanes report through a channel the writer waits
+//! on beside its mailbox ([`Sink::completed`]). Whatever needs every lane at once (a serial
+//! unit, DDL, a new snapshot, a forced flush) first waits for the queues to drain and takes
+//! the lanes back ([`DbSink::sync`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::error::{Context, Disposition, Result};
+use tokio::sync::mpsc;
+
+use crate::error::{Context, Disposition, Error, Result};
 use crate::mapper::plan::TargetTable;
 use crate::mapper::{DeadLetter, MappedRows, SinkItem};
 use crate::message::{Checkpoint, Position, StreamOffset};
@@ -213,6 +224,41 @@ impl<D: Database> Lane<D> {
         Ok(())
     }
 
+    /// Stores `offsets` (as this lane stores them) and commits.
+    async fn commit(&mut self, sink: &str, offsets: &[StreamOffset]) -> Result<Durable> {
+        self.begin(&[]).await?;
+        let durable = self.db.commit(sink, offsets).await?;
+        self.in_txn = false;
+        Ok(durable)
+    }
+
+    /// Runs this lane's jobs in order until its queue closes or a job fails (the failure is
+    /// reported, the rest of the queue dropped), then hands the lane back.
+    async fn serve(
+        mut self,
+        lane: usize,
+        sink: String,
+        mut jobs: mpsc::Receiver<Job>,
+        done: mpsc::UnboundedSender<Report>,
+    ) -> Self {
+        while let Some(job) = jobs.recv().await {
+            let result = match job {
+                Job::Write { targets, items } => {
+                    self.write(&sink, &targets, &items).await.map(|steps| Done::Wrote(count_applied(&sink, &steps)))
+                }
+                Job::Commit(offsets) => self.commit(&sink, &offsets).await.map(Done::Committed),
+                // Not while a transaction larger than a unit is being written into.
+                Job::Flush if self.in_txn => Ok(Done::Flushed(None)),
+                Job::Flush => self.db.flush(&sink).await.map(|f| Done::Flushed(Some(f))),
+            };
+            let failed = result.is_err();
+            if done.send((lane, result)).is_err() || failed {
+                break;
+            }
+        }
+        self
+    }
+
     /// Commits the open transaction without offsets, if there is one.
     async fn barrier(&mut self, sink: &str) -> Result<()> {
         if self.in_txn {
@@ -311,13 +357,67 @@ impl<D: Database> Lane<D> {
     }
 }
 
+/// Jobs a pipelined lane's queue holds: about two units.
+const LANE_QUEUE: usize = 4;
+
+/// A pipelined lane's work, done in the order given.
+enum Job {
+    Write {
+        targets: Arc<Vec<Arc<TargetTable>>>,
+        items: Vec<SinkItem>,
+    },
+    /// Stores these offsets (as the lane stores them) and commits.
+    Commit(Vec<StreamOffset>),
+    /// Flushes the WAL, unless a transaction is open.
+    Flush,
+}
+
+/// What a lane did with a job.
+enum Done {
+    /// The newest commit time of the rows applied.
+    Wrote(i64),
+    Committed(Durable),
+    Flushed(Option<u64>),
+}
+
+/// A lane's report of a job: the lane, and what it did or why it failed.
+type Report = (usize, Result<Done>);
+
+/// Lanes running on tasks of their own (see the module documentation).
+struct Pipeline<D> {
+    jobs: Vec<mpsc::Sender<Job>>,
+    tasks: Vec<tokio::task::JoinHandle<Lane<D>>>,
+    reports: mpsc::UnboundedReceiver<Report>,
+    /// Units given to the lanes to commit, oldest first: the checkpoint, how many lanes
+    /// have not committed it yet, and the newest commit LSN of those that have.
+    units: VecDeque<(Checkpoint, usize, u64)>,
+    /// Per lane, how many of `units` it committed (they are the first ones).
+    committed: Vec<usize>,
+    /// A flush is queued on lane 0.
+    flushing: bool,
+}
+
+impl<D> Drop for Pipeline<D> {
+    /// A sink dropped with work queued (its writer failed or stopped) stops its lanes: the
+    /// connections close and their open transactions roll back; what they held is
+    /// replayed from the offsets.
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(tokio::task::JoinHandle::abort);
+    }
+}
+
 /// A database sink: the [`Sink`] contract over one or more connections ([`Lane`]s) to a
 /// [`Database`] (see the module documentation for lanes).
 pub struct DbSink<D> {
     name: String,
     /// The source stream (slot) whose changes lanes split (direct mode).
     stream: String,
+    /// The lanes, when not pipelined.
     lanes: Vec<Lane<D>>,
+    lane_count: usize,
+    pipeline: Option<Pipeline<D>>,
+    /// The newest WAL position the database reported flushed.
+    flushed: u64,
     ensured: HashMap<TableId, Arc<TargetTable>>,
     newest_commit_micros: i64,
     /// Committed units not durable yet, with the WAL position they are durable at, and
@@ -333,7 +433,7 @@ pub struct DbSink<D> {
     reshape: bool,
 }
 
-impl<D: Database> DbSink<D> {
+impl<D: Database + 'static> DbSink<D> {
     /// A sink over one connection.
     pub fn new(name: impl Into<String>, db: D) -> Self {
         Self::with_lanes(name, String::new(), vec![db])
@@ -344,7 +444,10 @@ impl<D: Database> DbSink<D> {
         Self {
             name: name.into(),
             stream: stream.into(),
+            lane_count: dbs.len(),
             lanes: dbs.into_iter().map(|db| Lane { db, in_txn: false }).collect(),
+            pipeline: None,
+            flushed: 0,
             ensured: HashMap::new(),
             newest_commit_micros: 0,
             pending: VecDeque::new(),
@@ -375,8 +478,9 @@ impl<D: Database> DbSink<D> {
         if self.ensured.get(&target.name).is_some_and(|t| Arc::ptr_eq(t, target) || t.as_ref() == target.as_ref()) {
             return Ok(());
         }
-        if self.lanes.len() > 1 {
+        if self.lane_count > 1 {
             // Lane 0 may change the table; every lane must see it.
+            self.sync().await?;
             self.barrier(0).await?;
         }
         for lane in &mut self.lanes {
@@ -393,7 +497,7 @@ impl<D: Database> DbSink<D> {
         for item in items {
             match item {
                 SinkItem::Rows(rows) if rows.meta.iter().any(|m| m.position <= *newest) => {
-                    let lanes = lanes_of(&rows, self.lanes.len())?;
+                    let lanes = lanes_of(&rows, self.lane_count)?;
                     let keep: Vec<bool> =
                         rows.meta.iter().zip(&lanes).map(|(m, lane)| m.position > self.floors[*lane]).collect();
                     kept.extend(rows.filter(&keep)?.map(SinkItem::Rows));
@@ -406,11 +510,11 @@ impl<D: Database> DbSink<D> {
 
     /// Each lane's share of `items`, by key; other items go to lane 0.
     fn split(&self, items: Vec<SinkItem>) -> Result<Vec<Vec<SinkItem>>> {
-        let mut shares: Vec<Vec<SinkItem>> = (0..self.lanes.len()).map(|_| Vec::new()).collect();
+        let mut shares: Vec<Vec<SinkItem>> = (0..self.lane_count).map(|_| Vec::new()).collect();
         for item in items {
             match item {
                 SinkItem::Rows(rows) => {
-                    let lanes = lanes_of(&rows, self.lanes.len())?;
+                    let lanes = lanes_of(&rows, self.lane_count)?;
                     for (l, share) in shares.iter_mut().enumerate() {
                         let keep: Vec<bool> = lanes.iter().map(|x| *x == l).collect();
                         share.extend(rows.select(&keep)?.map(SinkItem::Rows));
@@ -422,26 +526,109 @@ impl<D: Database> DbSink<D> {
         Ok(shares)
     }
 
-    /// Counts what applied steps did, once they are in the transaction for good.
-    fn applied(&mut self, steps: &[Step]) {
-        for step in steps {
-            match step {
-                Step::Truncate(_, meta) => {
-                    self.newest_commit_micros = self.newest_commit_micros.max(meta.commit_micros);
-                    metrics::counter!(m::SINK_ROWS_TOTAL, "sink" => self.name.clone(), "op" => "truncate").increment(1);
+    /// Lanes on tasks of their own, started if they are not yet.
+    fn pipeline(&mut self) -> &mut Pipeline<D> {
+        if self.pipeline.is_none() {
+            let (report, reports) = mpsc::unbounded_channel();
+            let (mut jobs, mut tasks) = (Vec::new(), Vec::new());
+            for (l, lane) in std::mem::take(&mut self.lanes).into_iter().enumerate() {
+                let (tx, rx) = mpsc::channel(LANE_QUEUE);
+                jobs.push(tx);
+                tasks.push(tokio::spawn(lane.serve(l, self.name.clone(), rx, report.clone())));
+            }
+            let committed = vec![0; jobs.len()];
+            self.pipeline = Some(Pipeline { jobs, tasks, reports, units: VecDeque::new(), committed, flushing: false });
+        }
+        self.pipeline.as_mut().expect("lanes pipelined")
+    }
+
+    /// Queues `job` on lane `lane`; a lane that stopped on an error returns its error.
+    async fn send(&mut self, lane: usize, job: Job) -> Result<()> {
+        if self.pipeline().jobs[lane].send(job).await.is_err() {
+            self.sync().await?;
+            return Err(Error::Restart(format!("sink {}: lane {lane} stopped", self.name)));
+        }
+        Ok(())
+    }
+
+    /// Takes in a lane's report: units every lane committed move to `pending`, in order.
+    fn absorb(&mut self, (lane, done): Report) -> Result<()> {
+        let Some(p) = self.pipeline.as_mut() else { return Ok(()) };
+        match done? {
+            Done::Wrote(newest) => self.newest_commit_micros = self.newest_commit_micros.max(newest),
+            Done::Flushed(flushed) => {
+                p.flushing = false;
+                self.flushed = self.flushed.max(flushed.unwrap_or(0));
+            }
+            Done::Committed(durable) => {
+                let Some(unit) = p.units.get_mut(p.committed[lane]) else {
+                    return Err(Error::Fatal(format!(
+                        "sink {}: lane {lane} committed a unit it was not given",
+                        self.name
+                    )));
+                };
+                unit.1 -= 1;
+                if let Durable::At { lsn, flushed } = durable {
+                    unit.2 = unit.2.max(lsn);
+                    self.flushed = self.flushed.max(flushed);
                 }
-                Step::DeadLetter(_) => {}
-                Step::Apply(r) => {
-                    for (op, part) in parts(r) {
-                        if let Some(newest) = part.meta.iter().map(|m| m.commit_micros).max() {
-                            self.newest_commit_micros = self.newest_commit_micros.max(newest);
-                        }
-                        metrics::counter!(m::SINK_ROWS_TOTAL, "sink" => self.name.clone(), "op" => op.label())
-                            .increment(part.len() as u64);
-                    }
+                p.committed[lane] += 1;
+                while p.units.front().is_some_and(|u| u.1 == 0) {
+                    let (checkpoint, _, lsn) = p.units.pop_front().expect("a unit");
+                    p.committed.iter_mut().for_each(|c| *c -= 1);
+                    self.pending.push_back((lsn, checkpoint, Instant::now()));
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Takes in the reports the lanes have made so far, without waiting.
+    fn poll(&mut self) -> Result<()> {
+        while let Some(report) = self.pipeline.as_mut().and_then(|p| p.reports.try_recv().ok()) {
+            self.absorb(report)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the pipelined lanes did every job queued and takes them back (a no-op
+    /// when they are not pipelined); returns the first error a lane met.
+    async fn sync(&mut self) -> Result<()> {
+        let Some(p) = self.pipeline.as_mut() else { return Ok(()) };
+        // Closing the queues ends each task once it did the jobs queued.
+        p.jobs.clear();
+        let tasks = std::mem::take(&mut p.tasks);
+        let mut lanes = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            lanes.push(task.await.map_err(|e| Error::Fatal(format!("sink {}: a lane failed: {e}", self.name)))?);
+        }
+        self.poll()?;
+        let p = self.pipeline.take().expect("lanes pipelined");
+        if !p.units.is_empty() {
+            return Err(Error::Restart(format!("sink {}: a lane stopped before it committed", self.name)));
+        }
+        self.lanes = lanes;
+        Ok(())
+    }
+
+    /// Queues every lane's share of `items`.
+    async fn write_pipelined(&mut self, targets: Vec<Arc<TargetTable>>, items: Vec<SinkItem>) -> Result<()> {
+        let shares = self.split(items)?;
+        let targets = Arc::new(targets);
+        for (lane, items) in shares.into_iter().enumerate().filter(|(_, share)| !share.is_empty()) {
+            self.send(lane, Job::Write { targets: targets.clone(), items }).await?;
+        }
+        self.poll()
+    }
+
+    /// Queues every lane's commit of the unit `checkpoint` closes, each with its own offsets.
+    async fn commit_pipelined(&mut self, checkpoint: &Checkpoint, offsets: &[StreamOffset]) -> Result<()> {
+        let lanes = self.lane_count;
+        self.pipeline().units.push_back((checkpoint.clone(), lanes, 0));
+        for lane in 0..lanes {
+            self.send(lane, Job::Commit(offsets.iter().map(|o| on_lane(o, lane)).collect())).await?;
+        }
+        self.poll()
     }
 
     /// Lane 0 stores every lane's offsets (rewriting them all if they were written by
@@ -460,29 +647,33 @@ impl<D: Database> DbSink<D> {
         Ok(durable)
     }
 
-    /// Every lane stores its own offsets and commits, all at once.
-    async fn commit_lanes(&mut self, offsets: &[StreamOffset]) -> Result<Durable> {
-        let name = self.name.as_str();
-        let commits = self.lanes.iter_mut().enumerate().map(|(l, lane)| async move {
-            let mine: Vec<StreamOffset> = offsets.iter().map(|o| on_lane(o, l)).collect();
-            lane.begin(&[]).await?;
-            let durable = lane.db.commit(name, &mine).await?;
-            lane.in_txn = false;
-            Ok::<_, crate::error::Error>(durable)
-        });
-        let all = futures::future::try_join_all(commits).await?;
-        Ok(all.into_iter().fold(Durable::Now, |a, b| match (a, b) {
-            (Durable::Now, x) | (x, Durable::Now) => x,
-            (Durable::At { lsn: a, flushed: fa }, Durable::At { lsn: b, flushed: fb }) => {
-                Durable::At { lsn: a.max(b), flushed: fa.min(fb) }
-            }
-        }))
-    }
-
     async fn read(&mut self) -> Result<(Vec<StreamOffset>, Vec<Position>, bool)> {
         let rows = self.lanes[0].db.read_offsets(&self.name).await?;
-        Ok(merge_lanes(rows, self.lanes.len(), &self.stream))
+        Ok(merge_lanes(rows, self.lane_count, &self.stream))
     }
+}
+
+/// Counts what applied steps did, once they are in the transaction for good; returns the
+/// newest commit time among them.
+fn count_applied(sink: &str, steps: &[Step]) -> i64 {
+    let mut newest_micros = 0;
+    for step in steps {
+        match step {
+            Step::Truncate(_, meta) => {
+                newest_micros = newest_micros.max(meta.commit_micros);
+                metrics::counter!(m::SINK_ROWS_TOTAL, "sink" => sink.to_string(), "op" => "truncate").increment(1);
+            }
+            Step::DeadLetter(_) => {}
+            Step::Apply(r) => {
+                for (op, part) in parts(r) {
+                    newest_micros = part.meta.iter().map(|m| m.commit_micros).fold(newest_micros, i64::max);
+                    metrics::counter!(m::SINK_ROWS_TOTAL, "sink" => sink.to_string(), "op" => op.label())
+                        .increment(part.len() as u64);
+                }
+            }
+        }
+    }
+    newest_micros
 }
 
 /// A reduced target's parts in the order they apply: deletes, upserts, partial updates.
@@ -492,8 +683,9 @@ fn parts(r: &Reduced) -> impl Iterator<Item = (PartOp<'_>, &Part)> {
     deletes.chain(upserts).chain(r.updates.iter().map(|(mask, p)| (PartOp::Update(mask), p)))
 }
 
-impl<D: Database> Sink for DbSink<D> {
+impl<D: Database + 'static> Sink for DbSink<D> {
     async fn open(&mut self) -> Result<Vec<StreamOffset>> {
+        self.sync().await?;
         for lane in &mut self.lanes {
             lane.db.connect().await?;
             lane.in_txn = false;
@@ -528,32 +720,33 @@ impl<D: Database> Sink for DbSink<D> {
         }
         let items = self.after_floors(items)?;
         let truncates = items.iter().any(|i| matches!(i, SinkItem::Truncate { .. }));
-        if self.lanes.len() > 1 && !self.serial && (truncates || self.reshape) {
+        if self.lane_count > 1 && !self.serial && (truncates || self.reshape) {
             // A truncate concerns every key: the other lanes' rows before it are committed
             // first, and lane 0 applies the rest of the unit.
+            self.sync().await?;
             self.barrier(1).await?;
             self.serial = true;
         }
-        if self.lanes.len() == 1 || self.serial {
-            let steps = self.lanes[0].write(&self.name, &targets, &items).await?;
-            self.applied(&steps);
-            return Ok(());
+        if self.lane_count > 1 && !self.serial {
+            return self.write_pipelined(targets, items).await;
         }
-        let shares = self.split(items)?;
-        let name = self.name.as_str();
-        let targets = &targets;
-        let writes = self.lanes.iter_mut().zip(&shares).map(|(lane, share)| lane.write(name, targets, share));
-        for steps in futures::future::try_join_all(writes).await? {
-            self.applied(&steps);
-        }
+        let steps = self.lanes[0].write(&self.name, &targets, &items).await?;
+        self.newest_commit_micros = self.newest_commit_micros.max(count_applied(&self.name, &steps));
         Ok(())
     }
 
     async fn commit(&mut self, checkpoint: &Checkpoint, offsets: Vec<StreamOffset>) -> Result<Vec<Checkpoint>> {
-        let durable = if self.lanes.len() == 1 || self.serial || self.reshape {
-            self.commit_serial(&offsets).await?
+        let released = if self.lane_count == 1 || self.serial || self.reshape {
+            self.sync().await?;
+            let (lsn, flushed) = match self.commit_serial(&offsets).await? {
+                Durable::Now => (0, u64::MAX),
+                Durable::At { lsn, flushed } => (lsn, flushed),
+            };
+            self.pending.push_back((lsn, checkpoint.clone(), Instant::now()));
+            self.release(flushed)
         } else {
-            self.commit_lanes(&offsets).await?
+            self.commit_pipelined(checkpoint, &offsets).await?;
+            self.release(self.flushed)
         };
         self.serial = false;
         if self.floors.iter().max().is_some_and(|newest| checkpoint.position >= *newest) {
@@ -563,28 +756,46 @@ impl<D: Database> Sink for DbSink<D> {
             let lag = (chrono::Utc::now().timestamp_micros() - self.newest_commit_micros).max(0) as f64 / 1e6;
             metrics::gauge!(m::REPLICATION_LAG_SECONDS, "sink" => self.name.clone()).set(lag);
         }
-        let (lsn, flushed) = match durable {
-            Durable::Now => (0, u64::MAX),
-            Durable::At { lsn, flushed } => (lsn, flushed),
-        };
-        self.pending.push_back((lsn, checkpoint.clone(), Instant::now()));
-        Ok(self.release(flushed))
+        Ok(released)
     }
 
     /// Commits that waited [`FLUSH_AFTER`] for the database to flush them (or any, with
     /// `force`) are made durable now, with one WAL flush: while units keep coming, each
     /// commit releases what the database flushed meanwhile at no cost.
     async fn tick(&mut self, force: bool) -> Result<Vec<Checkpoint>> {
+        if force {
+            self.sync().await?;
+        }
+        self.poll()?;
         let waited = self.pending.front().is_some_and(|(.., at)| force || at.elapsed() >= FLUSH_AFTER);
+        if let Some(p) = self.pipeline.as_mut() {
+            // Pipelined: lane 0 flushes after the jobs it has queued.
+            if waited && !p.flushing && p.jobs[0].try_send(Job::Flush).is_ok() {
+                p.flushing = true;
+            }
+            return Ok(self.release(self.flushed));
+        }
         // Not while a transaction larger than a unit is being written into.
         if !waited || self.lanes.iter().any(|l| l.in_txn) {
             return Ok(Vec::new());
         }
         let flushed = self.lanes[0].db.flush(&self.name).await?;
+        self.flushed = self.flushed.max(flushed);
         Ok(self.release(flushed))
     }
 
+    async fn completed(&mut self) -> Result<Vec<Checkpoint>> {
+        let Some(p) = self.pipeline.as_mut() else { return std::future::pending().await };
+        let Some(report) = p.reports.recv().await else {
+            return Err(Error::Restart(format!("sink {}: its lanes stopped", self.name)));
+        };
+        self.absorb(report)?;
+        self.poll()?;
+        Ok(self.release(self.flushed))
+    }
+
     async fn snapshot_begin(&mut self, targets: &[Arc<TargetTable>], stream: &str) -> Result<()> {
+        self.sync().await?;
         let held = self.lanes[0].db.read_offsets(&self.name).await?;
         if !held.iter().any(|o| o.stream == stream) {
             return Ok(());

@@ -44,6 +44,9 @@ use crate::supervisor::ActorThread;
 ///   acknowledged.
 /// - [`Sink::tick`] is called every [`TICK`] and at a graceful stop (`force`), for sinks
 ///   that make data durable on time or some time after their commit returns.
+/// - [`Sink::completed`] resolves when work the sink does in the background (pipelined
+///   lanes) made checkpoints durable; the writer waits on it beside its mailbox, so it
+///   must be cancel safe. A forced tick waits for that work.
 /// - Writes must be idempotent per key for database sinks (upserts, deletes by key), so a
 ///   unit replayed after a crash before its commit lands once.
 /// - A row the sink rejects permanently goes to its dead-letter store inside the same unit.
@@ -61,6 +64,9 @@ pub trait Sink: Send {
     fn tick(&mut self, force: bool) -> impl Future<Output = Result<Vec<Checkpoint>>> + Send {
         let _ = force;
         async { Ok(Vec::new()) }
+    }
+    fn completed(&mut self) -> impl Future<Output = Result<Vec<Checkpoint>>> + Send {
+        std::future::pending()
     }
     /// A new snapshot of these targets' sources starts. A sink that holds offsets for
     /// `stream` (it received data before) empties the targets and forgets the offsets, so
@@ -169,6 +175,10 @@ pub async fn run<S: Sink>(
                 },
                 _ = ticks.tick() => {
                     sink.tick(draining).await?.into_iter().for_each(&on_commit);
+                    continue;
+                }
+                done = sink.completed() => {
+                    done?.into_iter().for_each(&on_commit);
                     continue;
                 }
                 Ok(()) = stop.changed() => {
@@ -327,6 +337,10 @@ impl Sink for AnySink {
 
     async fn tick(&mut self, force: bool) -> Result<Vec<Checkpoint>> {
         each_sink!(self, s => s.tick(force).await)
+    }
+
+    async fn completed(&mut self) -> Result<Vec<Checkpoint>> {
+        each_sink!(self, s => s.completed().await)
     }
 
     async fn snapshot_begin(&mut self, targets: &[Arc<TargetTable>], stream: &str) -> Result<()> {
