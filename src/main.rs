@@ -55,7 +55,12 @@ fn main() -> ExitCode {
         }
     };
     let outcome = std::panic::catch_unwind(|| match cli.command {
-        Command::Run { config } => sluice::daemon::run(&config),
+        Command::Run { config } => {
+            if let Err(e) = sluice::allocator::trim_c_heap() {
+                eprintln!("warning: no thread to trim the C heap: {e}");
+            }
+            sluice::daemon::run(&config)
+        }
         Command::Check { config } => sluice::check::run(&config),
         Command::Validate { config, sink } => sluice::validate::run(&config, sink.as_deref()),
         Command::Status { url } => sluice::status::run(&url),
