@@ -599,15 +599,24 @@ impl<D: Database + 'static> DbSink<D> {
         p.jobs.clear();
         let tasks = std::mem::take(&mut p.tasks);
         let mut lanes = Vec::with_capacity(tasks.len());
+        let mut panicked = None;
         for task in tasks {
-            lanes.push(task.await.map_err(|e| Error::Fatal(format!("sink {}: a lane failed: {e}", self.name)))?);
+            match task.await {
+                Ok(lane) => lanes.push(lane),
+                Err(e) => panicked = Some(Error::Fatal(format!("sink {}: a lane failed: {e}", self.name))),
+            }
         }
-        self.poll()?;
+        // Whatever happened, the sink is no longer pipelined once this returns.
+        let polled = self.poll();
         let p = self.pipeline.take().expect("lanes pipelined");
+        self.lanes = lanes;
+        if let Some(error) = panicked {
+            return Err(error);
+        }
+        polled?;
         if !p.units.is_empty() {
             return Err(Error::Restart(format!("sink {}: a lane stopped before it committed", self.name)));
         }
-        self.lanes = lanes;
         Ok(())
     }
 
