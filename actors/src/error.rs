@@ -198,6 +198,9 @@ impl Error {
             Error::Arrow { .. } => Disposition::DeadLetter,
             Error::DataFusion { .. } => Disposition::DeadLetter,
             Error::Protocol(_) => Disposition::Fatal,
+            // librdkafka refuses its configuration (a bad `[transport.options]` setting):
+            // no retry builds the client.
+            Error::Kafka { source: rdkafka::error::KafkaError::ClientCreation(_), .. } => Disposition::Fatal,
             Error::Kafka { .. }
             | Error::ObjectStore { .. }
             | Error::Io { .. }
@@ -243,6 +246,17 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kafka_client_librdkafka_refuses_is_fatal() {
+        let refused = rdkafka::ClientConfig::new()
+            .set("fetch.max.bytes", "262144")
+            .create::<rdkafka::consumer::BaseConsumer>()
+            .err()
+            .expect("fetch.max.bytes below message.max.bytes is refused");
+        let error = Error::Kafka { context: "create Kafka consumer".into(), source: refused };
+        assert_eq!(error.disposition(), Disposition::Fatal);
+    }
 
     #[test]
     fn sqlstates_classify_by_class() {
