@@ -388,13 +388,21 @@ struct Pipeline<D> {
     jobs: Vec<mpsc::Sender<Job>>,
     tasks: Vec<tokio::task::JoinHandle<Lane<D>>>,
     reports: mpsc::UnboundedReceiver<Report>,
-    /// Units given to the lanes to commit, oldest first: the checkpoint, how many lanes
-    /// have not committed it yet, and the newest commit LSN of those that have.
-    units: VecDeque<(Checkpoint, usize, u64)>,
+    /// Units given to the lanes to commit, oldest first.
+    units: VecDeque<InFlight>,
     /// Per lane, how many of `units` it committed (they are the first ones).
     committed: Vec<usize>,
     /// A flush is queued on lane 0.
     flushing: bool,
+}
+
+/// A unit given to the pipelined lanes to commit.
+struct InFlight {
+    checkpoint: Checkpoint,
+    /// Lanes that have not committed it yet.
+    waiting: usize,
+    /// The newest commit LSN of the lanes that have.
+    lsn: u64,
 }
 
 impl<D> Drop for Pipeline<D> {
@@ -567,16 +575,16 @@ impl<D: Database + 'static> DbSink<D> {
                         self.name
                     )));
                 };
-                unit.1 -= 1;
+                unit.waiting -= 1;
                 if let Durable::At { lsn, flushed } = durable {
-                    unit.2 = unit.2.max(lsn);
+                    unit.lsn = unit.lsn.max(lsn);
                     self.flushed = self.flushed.max(flushed);
                 }
                 p.committed[lane] += 1;
-                while p.units.front().is_some_and(|u| u.1 == 0) {
-                    let (checkpoint, _, lsn) = p.units.pop_front().expect("a unit");
+                while p.units.front().is_some_and(|u| u.waiting == 0) {
+                    let unit = p.units.pop_front().expect("a unit");
                     p.committed.iter_mut().for_each(|c| *c -= 1);
-                    self.pending.push_back((lsn, checkpoint, Instant::now()));
+                    self.pending.push_back((unit.lsn, unit.checkpoint, Instant::now()));
                 }
             }
         }
@@ -633,7 +641,7 @@ impl<D: Database + 'static> DbSink<D> {
     /// Queues every lane's commit of the unit `checkpoint` closes, each with its own offsets.
     async fn commit_pipelined(&mut self, checkpoint: &Checkpoint, offsets: &[StreamOffset]) -> Result<()> {
         let lanes = self.lane_count;
-        self.pipeline().units.push_back((checkpoint.clone(), lanes, 0));
+        self.pipeline().units.push_back(InFlight { checkpoint: checkpoint.clone(), waiting: lanes, lsn: 0 });
         for lane in 0..lanes {
             self.send(lane, Job::Commit(offsets.iter().map(|o| on_lane(o, lane)).collect())).await?;
         }
@@ -644,16 +652,14 @@ impl<D: Database + 'static> DbSink<D> {
     /// another number of lanes) and commits.
     async fn commit_serial(&mut self, offsets: &[StreamOffset]) -> Result<Durable> {
         let all: Vec<StreamOffset> =
-            (0..self.lanes.len()).flat_map(|l| offsets.iter().map(move |o| on_lane(o, l))).collect();
+            (0..self.lane_count).flat_map(|l| offsets.iter().map(move |o| on_lane(o, l))).collect();
         let lane = &mut self.lanes[0];
         lane.begin(&[]).await?;
         if self.reshape && !offsets.is_empty() {
             lane.db.clear_offsets(&self.name, &self.stream).await?;
             self.reshape = false;
         }
-        let durable = lane.db.commit(&self.name, &all).await?;
-        lane.in_txn = false;
-        Ok(durable)
+        lane.commit(&self.name, &all).await
     }
 
     async fn read(&mut self) -> Result<(Vec<StreamOffset>, Vec<Position>, bool)> {
@@ -820,8 +826,7 @@ impl<D: Database + 'static> Sink for DbSink<D> {
             lane.db.truncate(t).await?;
         }
         lane.db.clear_offsets(&self.name, stream).await?;
-        lane.db.commit(&self.name, &[]).await?;
-        lane.in_txn = false;
+        lane.commit(&self.name, &[]).await?;
         if stream == self.stream {
             self.floors.clear();
             self.reshape = false;
