@@ -4,7 +4,9 @@
 //! Checked: the source's reachability, `wal_level`, REPLICATION privilege, each table
 //! (exists, readable, replicable), an existing slot's plugin and database; each mapping
 //! compiled against the tables' current schemas; each sink's reachability and
-//! permission to create its tables; the Kafka brokers. URLs are shown with passwords masked.
+//! permission to create its tables; the Kafka brokers, and that librdkafka accepts the
+//! producer's and consumers' settings with `[transport.options]` applied. URLs are shown
+//! with passwords masked.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -118,9 +120,11 @@ pub async fn check(config: &Config, base: &Path) -> (Vec<String>, Vec<String>) {
         }
     }
     if config.transport.kind == TransportKind::Kafka {
-        let brokers = config.transport.brokers.clone().unwrap_or_default();
-        match sluice_actors::transport::kafka::check_brokers(&brokers, CONNECT_TIMEOUT).await {
+        let kafka = pipeline::kafka_options(config);
+        let brokers = &kafka.brokers;
+        match sluice_actors::transport::kafka::check_brokers(&kafka, CONNECT_TIMEOUT).await {
             Ok(n) => ok.push(format!("kafka {brokers}: {n} broker(s) answered")),
+            Err(e) if e.is_kafka_config() => problems.push(format!("transport.options: {}", e.chain())),
             Err(e) => problems.push(format!("transport.brokers {brokers}: {}", e.chain())),
         }
     }

@@ -173,6 +173,12 @@ pub fn sqlstate_in_text(text: &str) -> Option<&str> {
 }
 
 impl Error {
+    /// librdkafka refused to create a client from its settings (a bad
+    /// `[transport.options]` setting, or one that contradicts sluice's own).
+    pub fn is_kafka_config(&self) -> bool {
+        matches!(self, Error::Kafka { source: rdkafka::error::KafkaError::ClientCreation(_), .. })
+    }
+
     /// What to do about this error (see the module docs).
     pub fn disposition(&self) -> Disposition {
         match self {
@@ -200,7 +206,7 @@ impl Error {
             Error::Protocol(_) => Disposition::Fatal,
             // librdkafka refuses its configuration (a bad `[transport.options]` setting):
             // no retry builds the client.
-            Error::Kafka { source: rdkafka::error::KafkaError::ClientCreation(_), .. } => Disposition::Fatal,
+            Error::Kafka { .. } if self.is_kafka_config() => Disposition::Fatal,
             Error::Kafka { .. }
             | Error::ObjectStore { .. }
             | Error::Io { .. }

@@ -32,7 +32,7 @@ use futures::future::BoxFuture;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::error::{Context, Error, Result};
@@ -218,6 +218,35 @@ fn header<'a>(message: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a [u8]> {
     message.headers()?.iter().find(|h| h.key == key)?.value
 }
 
+/// The consumer's librdkafka settings, the user's extra ones last: group `group`, static
+/// membership as `<group>-<instance>` when an instance is given. `sluice check` creates a
+/// client from them too, so a setting librdkafka refuses is reported before start.
+pub fn client_config(kafka: &KafkaOptions, group: &str, instance: Option<&str>) -> ClientConfig {
+    let mut config = kafka.client_config();
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("max.poll.interval.ms", "30000")
+        // Small fetches keep latency low on brokers that fill a whole fetch before
+        // answering (tansu 0.6 reads up to fetch.max.bytes per request).
+        .set("fetch.max.bytes", "1048576")
+        .set("max.partition.fetch.bytes", "1048576")
+        .set("queued.max.messages.kbytes", "8192")
+        // tansu does not answer a waiting fetch when data arrives: a short wait bounds latency.
+        .set("fetch.wait.max.ms", "20");
+    if let Some(instance) = instance {
+        // Static membership: a restarted daemon takes its place back at once instead of
+        // waiting for the broker to expire the dead member; a stopped one keeps its
+        // partitions until the session times out.
+        config.set("group.instance.id", format!("{group}-{instance}"));
+    }
+    kafka.finish(&mut config);
+    config
+}
+
 /// The consumer actor.
 pub async fn run(
     options: ConsumerOptions,
@@ -237,29 +266,9 @@ pub async fn run(
         runtime: tokio::runtime::Handle::current(),
         failed: std::sync::Mutex::new(None),
     };
-    let mut config = options.kafka.client_config();
-    config
-        .set("group.id", &options.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("max.poll.interval.ms", "30000")
-        // Small fetches keep latency low on brokers that fill a whole fetch before
-        // answering (tansu 0.6 reads up to fetch.max.bytes per request).
-        .set("fetch.max.bytes", "1048576")
-        .set("max.partition.fetch.bytes", "1048576")
-        .set("queued.max.messages.kbytes", "8192")
-        // tansu does not answer a waiting fetch when data arrives: a short wait bounds latency.
-        .set("fetch.wait.max.ms", "20");
-    if let Some(instance) = &options.instance {
-        // Static membership: a restarted daemon takes its place back at once instead of
-        // waiting for the broker to expire the dead member; a stopped one keeps its
-        // partitions until the session times out.
-        config.set("group.instance.id", format!("{}-{instance}", options.group));
-    }
-    let consumer: StreamConsumer<Ctx> =
-        options.kafka.finish(&mut config).create_with_context(ctx).context("create Kafka consumer")?;
+    let consumer: StreamConsumer<Ctx> = client_config(&options.kafka, &options.group, options.instance.as_deref())
+        .create_with_context(ctx)
+        .context("create Kafka consumer")?;
     let topics: HashMap<String, TableId> = options.tables.iter().map(|t| (options.kafka.topic(t), t.clone())).collect();
     let names: Vec<&str> = topics.keys().map(String::as_str).collect();
     consumer.subscribe(&names).context("subscribe to the table topics")?;

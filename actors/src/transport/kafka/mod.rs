@@ -108,12 +108,17 @@ pub async fn ensure_topics(options: &KafkaOptions, topics: &[(String, bool)]) ->
     Ok(())
 }
 
-/// Asks the brokers for metadata; returns how many brokers answered.
-pub async fn check_brokers(brokers: &str, timeout: Duration) -> Result<usize> {
-    let brokers = brokers.to_string();
+/// Creates a producer and a consumer with the settings the daemon gives them (the user's
+/// `[transport.options]` included) and asks the brokers for metadata; returns how many
+/// brokers answered. A setting librdkafka refuses fails here as it would at start
+/// ([`Error::is_kafka_config`]).
+pub async fn check_brokers(options: &KafkaOptions, timeout: Duration) -> Result<usize> {
+    let options = options.clone();
     tokio::task::spawn_blocking(move || {
+        // Created only for librdkafka to check its settings.
+        drop(producer::create(&options)?);
         let consumer: BaseConsumer =
-            ClientConfig::new().set("bootstrap.servers", &brokers).create().context("create Kafka client")?;
+            consumer::client_config(&options, "sluice-check", None).create().context("create Kafka consumer")?;
         let metadata = consumer.fetch_metadata(None, timeout).context("fetch Kafka metadata")?;
         Ok(metadata.brokers().len())
     })
