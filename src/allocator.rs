@@ -35,8 +35,10 @@
 //! in such a catch-up, took RSS from 116 to 86 MB. [`trim_c_heap`] calls it every
 //! [`TRIM_EVERY`] on a thread of its own (a walk of a heap of a few MB under the arena's
 //! lock): the catch-up then runs at 87-104 MB instead of 118-130, at the same rate. Its
-//! peak is still 123-133 MB, from bursts of fetches when the consumers start (within a
-//! second), which neither the consumer queue size nor `queued.min.messages` changed.
+//! peak was still 123-136 MB: when the consumers start, each decompresses whole fetch
+//! responses at once (30-45 MB of glibc heap within a second), which neither the consumer
+//! queue size nor `queued.min.messages` bounds; the fetch size does (the consumer's
+//! `FETCH_BYTES`, 256 KB: peak 97-101 MB).
 
 use std::time::Duration;
 

@@ -173,10 +173,11 @@ pub fn sqlstate_in_text(text: &str) -> Option<&str> {
 }
 
 impl Error {
-    /// librdkafka refused to create a client from its settings (a bad
+    /// librdkafka refused to create a client from its settings (an unknown or bad
     /// `[transport.options]` setting, or one that contradicts sluice's own).
     pub fn is_kafka_config(&self) -> bool {
-        matches!(self, Error::Kafka { source: rdkafka::error::KafkaError::ClientCreation(_), .. })
+        use rdkafka::error::KafkaError;
+        matches!(self, Error::Kafka { source: KafkaError::ClientCreation(_) | KafkaError::ClientConfig(..), .. })
     }
 
     /// What to do about this error (see the module docs).
@@ -255,13 +256,16 @@ mod tests {
 
     #[test]
     fn a_kafka_client_librdkafka_refuses_is_fatal() {
-        let refused = rdkafka::ClientConfig::new()
-            .set("fetch.max.bytes", "262144")
-            .create::<rdkafka::consumer::BaseConsumer>()
-            .err()
-            .expect("fetch.max.bytes below message.max.bytes is refused");
-        let error = Error::Kafka { context: "create Kafka consumer".into(), source: refused };
-        assert_eq!(error.disposition(), Disposition::Fatal);
+        // A contradiction (client creation) and an unknown property (configuration).
+        for (key, value) in [("fetch.max.bytes", "262144"), ("no.such.property", "1")] {
+            let refused = rdkafka::ClientConfig::new()
+                .set(key, value)
+                .create::<rdkafka::consumer::BaseConsumer>()
+                .err()
+                .unwrap_or_else(|| panic!("{key} = {value} is refused"));
+            let error = Error::Kafka { context: "create Kafka consumer".into(), source: refused };
+            assert_eq!(error.disposition(), Disposition::Fatal, "{key}");
+        }
     }
 
     #[test]

@@ -105,16 +105,21 @@ fn check_against_a_closed_port_names_the_endpoint_without_the_password() {
 #[test]
 fn check_names_a_kafka_setting_librdkafka_refuses() {
     let dir = TempDir::new("kafkaopt");
-    // Consumers only: librdkafka wants fetch.max.bytes >= message.max.bytes (1,000,000).
-    let toml = format!(
-        "{GOOD_SOURCE}[transport]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:1\"\n\
-         [transport.options]\n\"fetch.max.bytes\" = \"262144\"\n{GOOD_SINK}"
-    );
-    let path = dir.write("kafkaopt.toml", &toml);
-    let (code, out) = sluice(&["check", "--config", path.to_str().expect("path")]);
-    assert_eq!(code, 1, "{out}");
-    let line = out.lines().find(|l| l.contains("transport.options")).unwrap_or_else(|| panic!("{out}"));
-    assert!(line.contains("fetch.max.bytes") && line.contains("consumer"), "{line}");
+    // A consumer's fetch below its message.max.bytes (a contradiction only consumers
+    // have), and a property librdkafka does not know.
+    for (key, value, named) in
+        [("fetch.max.bytes", "1000", "consumer"), ("no.such.property", "1", "No such configuration property")]
+    {
+        let toml = format!(
+            "{GOOD_SOURCE}[transport]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:1\"\n\
+             [transport.options]\n\"{key}\" = \"{value}\"\n{GOOD_SINK}"
+        );
+        let path = dir.write("kafkaopt.toml", &toml);
+        let (code, out) = sluice(&["check", "--config", path.to_str().expect("path")]);
+        assert_eq!(code, 1, "{out}");
+        let line = out.lines().find(|l| l.contains("transport.options")).unwrap_or_else(|| panic!("{key}: {out}"));
+        assert!(line.contains(key) && line.contains(named), "{line}");
+    }
 }
 
 /// A daemon copying a fresh `public.users` into a PostgreSQL sink named `replica`; the
