@@ -63,6 +63,14 @@ fn cp(lsn: u64) -> Checkpoint {
     Checkpoint::source(Position::txn_end(lsn), Some(lsn + 1))
 }
 
+/// Commits the unit `cp(lsn)` closes and forces it durable (lanes commit in the
+/// background); returns every checkpoint acknowledged meanwhile.
+async fn commit_durably(sink: &mut sink::AnySink, lsn: u64) -> Vec<Checkpoint> {
+    let mut durable = sink.commit(&cp(lsn), cp(lsn).stream_offsets(STREAM)).await.expect("commit");
+    durable.extend(sink.tick(true).await.expect("flush"));
+    durable
+}
+
 /// The two units of the crash tests.
 fn unit1() -> Vec<Change> {
     vec![
@@ -263,9 +271,7 @@ async fn a_crash_between_write_and_commit_applies_nothing_twice_in_each_sink() {
         let mut first = target.spec().build("acc").expect("sink");
         assert!(first.open().await.expect("open").is_empty());
         first.write(items(unit1()).await).await.expect("write");
-        let mut durable = first.commit(&cp(10), cp(10).stream_offsets(STREAM)).await.expect("commit");
-        durable.extend(first.tick(true).await.expect("flush"));
-        assert_eq!(durable, vec![cp(10)], "unit 1 is durable once committed");
+        assert_eq!(commit_durably(&mut first, 10).await, vec![cp(10)], "unit 1 is durable once committed");
         first.write(items(unit2()).await).await.expect("write");
         drop(first);
 
@@ -379,9 +385,8 @@ async fn a_poison_row_is_dead_lettered_and_the_others_are_applied() {
             change(Op::Insert, 10, 6, None, Some(row(3, "ok too", "3.00", Value::Null))),
         ];
         sink.write(items(changes).await).await.expect("a rejected row does not fail the unit");
-        sink.commit(&cp(10), cp(10).stream_offsets(STREAM)).await.expect("commit");
         // Lanes commit in the background: wait for them.
-        sink.tick(true).await.expect("flush");
+        commit_durably(&mut sink, 10).await;
         assert_eq!(
             target.state().await,
             vec![
@@ -394,8 +399,7 @@ async fn a_poison_row_is_dead_lettered_and_the_others_are_applied() {
         sink.write(items(vec![change(Op::Insert, 20, 1, None, Some(row(4, "later", "4.00", Value::Null)))]).await)
             .await
             .expect("write");
-        sink.commit(&cp(20), cp(20).stream_offsets(STREAM)).await.expect("commit");
-        sink.tick(true).await.expect("flush");
+        commit_durably(&mut sink, 20).await;
         assert_eq!(target.state().await.len(), 5, "later rows still arrive");
         let letters: Vec<(String, i64, String)> = match &target {
             Target::Pg(db, _) => db
@@ -490,8 +494,7 @@ async fn postgres_lanes_resume_each_from_its_own_position() {
     sink.write(items(inserts).await).await.expect("write");
     sink.commit(&cp(10), cp(10).stream_offsets(STREAM)).await.expect("commit");
     sink.write(items(updates.clone()).await).await.expect("write");
-    sink.commit(&cp(20), cp(20).stream_offsets(STREAM)).await.expect("commit");
-    sink.tick(true).await.expect("flush");
+    commit_durably(&mut sink, 20).await;
     drop(sink);
     assert_eq!(offsets_rows(&db).await, vec![(0, 20), (65536, 20)], "one offsets row per lane");
 
@@ -504,10 +507,8 @@ async fn postgres_lanes_resume_each_from_its_own_position() {
     let offsets = sink.open().await.expect("reopen");
     assert_eq!(sluice::pipeline::position_of(&offsets, STREAM), Some(at10), "resumes from the lowest lane");
     sink.write(items(updates).await).await.expect("replay");
-    let mut durable = sink.commit(&cp(20), cp(20).stream_offsets(STREAM)).await.expect("commit");
     // Lanes commit in the background: the checkpoint comes back once both did.
-    durable.extend(sink.tick(true).await.expect("flush"));
-    assert_eq!(durable, vec![cp(20)]);
+    assert_eq!(commit_durably(&mut sink, 20).await, vec![cp(20)]);
     let names: Vec<String> = Target::Pg(db, 2).state().await.into_iter().map(|r| r.1).collect();
     let replayed = names.iter().filter(|n| *n == "v2").count();
     assert!(
@@ -524,9 +525,7 @@ async fn a_failing_lane_fails_the_unit_and_a_new_incarnation_applies_it() {
     let mut sink = lanes_spec(&db, 2).build("acc").expect("sink");
     sink.open().await.expect("open");
     sink.write(items(unit1()).await).await.expect("write");
-    let mut durable = sink.commit(&cp(10), cp(10).stream_offsets(STREAM)).await.expect("commit");
-    durable.extend(sink.tick(true).await.expect("flush"));
-    assert_eq!(durable, vec![cp(10)]);
+    assert_eq!(commit_durably(&mut sink, 10).await, vec![cp(10)]);
 
     db.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()").await;
     let mut acknowledged = Vec::new();
@@ -545,9 +544,7 @@ async fn a_failing_lane_fails_the_unit_and_a_new_incarnation_applies_it() {
     let offsets = sink.open().await.expect("reopen");
     assert_eq!(sluice::pipeline::position_of(&offsets, STREAM), Some(Position::txn_end(10)));
     sink.write(items(unit2()).await).await.expect("write");
-    let mut durable = sink.commit(&cp(20), cp(20).stream_offsets(STREAM)).await.expect("commit");
-    durable.extend(sink.tick(true).await.expect("flush"));
-    assert_eq!(durable, vec![cp(20)]);
+    assert_eq!(commit_durably(&mut sink, 20).await, vec![cp(20)]);
     assert_eq!(Target::Pg(db, 2).state().await, after_unit2());
 }
 
