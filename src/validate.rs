@@ -6,7 +6,8 @@
 //! sides are compared cell by cell on canonical text (per-row hashes), so memory stays
 //! bounded by the chunk. Row counts are compared once per target, which also reveals rows
 //! the target has and the source does not. Run it when the source is quiet (or expect the
-//! changes in flight to show up as differences).
+//! changes in flight to show up as differences). A target table or column the sink has not
+//! created yet (it creates them with the first row that needs them) is one difference.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,7 +18,7 @@ use arrow::array::ArrayRef;
 use futures::StreamExt;
 use mysql_async::prelude::Queryable;
 use sluice_actors::compare::{canonical, row_hash};
-use sluice_actors::mapper::plan::TargetTable;
+use sluice_actors::mapper::plan::{DEFAULT_TARGET_SCHEMA, TargetTable};
 use sluice_actors::mapper::{MappedRows, Mapper, SinkItem};
 use sluice_actors::message::{Change, ChangeBatch, Op, Position};
 use sluice_actors::schema::{TableSchema, quote_ident, quote_literal};
@@ -205,6 +206,38 @@ impl TargetDb {
         Ok(out)
     }
 
+    /// The mapped columns the target table lacks (none when the table itself is missing).
+    async fn missing_columns(&mut self, target: &TargetTable) -> anyhow::Result<Vec<String>> {
+        let wanted: Vec<String> = target.schema.fields().iter().map(|f| f.name().clone()).collect();
+        match self {
+            TargetDb::Postgres(c) => {
+                let rows = c
+                    .query(
+                        "SELECT w FROM unnest($2::text[]) w WHERE to_regclass($1) IS NOT NULL AND NOT EXISTS \
+                         (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attname = w AND NOT a.attisdropped)",
+                        &[&target.name.quoted(), &wanted],
+                    )
+                    .await?;
+                Ok(rows.into_iter().map(|r| r.get(0)).collect())
+            }
+            TargetDb::Mysql(c) => {
+                // `public` is the connection's database (as the sink creates it).
+                let schema = (target.name.schema != DEFAULT_TARGET_SCHEMA).then(|| target.name.schema.clone());
+                let present: Vec<String> = c
+                    .exec(
+                        "SELECT column_name FROM information_schema.columns \
+                         WHERE table_schema = COALESCE(?, DATABASE()) AND table_name = ?",
+                        (schema, target.name.name.as_str()),
+                    )
+                    .await?;
+                if present.is_empty() {
+                    return Ok(Vec::new());
+                }
+                Ok(wanted.into_iter().filter(|w| !present.iter().any(|p| p.eq_ignore_ascii_case(w))).collect())
+            }
+        }
+    }
+
     async fn column_types(&mut self, target: &TargetTable) -> anyhow::Result<Vec<String>> {
         match self {
             TargetDb::Postgres(c) => {
@@ -254,9 +287,17 @@ pub async fn validate(config: &Config, base: &Path, only: Option<&str>) -> anyho
             let targets = mapper.targets(&info.schema).await.map_err(|e| anyhow::anyhow!("{}", e.chain()))?;
             for t in targets.iter() {
                 let target = t.table().clone();
+                let line_head = format!("sink {} {} -> {}:", plan.name, table, target.name);
+                let missing = db.missing_columns(&target).await?;
+                if !missing.is_empty() {
+                    // A column added at the source reaches the target with the first row
+                    // that carries it: until then its rows cannot be compared.
+                    report.differences += 1;
+                    report.lines.push(format!("{line_head} target table lacks column(s) {}", missing.join(", ")));
+                    continue;
+                }
                 let tally = compare_table(&client, &info.schema, &mut mapper, &target, &mut db).await?;
                 let count = db.count(&target).await?;
-                let line_head = format!("sink {} {} -> {}:", plan.name, table, target.name);
                 match count {
                     // Sinks create tables with their first row: nothing to compare yet.
                     None if tally.source_rows == 0 => {

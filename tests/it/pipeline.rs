@@ -231,6 +231,33 @@ async fn mappings_rename_filter_and_follow_added_columns() {
     daemon.stop().expect("graceful stop");
 }
 
+/// A column the source has and a target lacks (the sink adds it with the first row that
+/// carries it) is a difference `validate` reports, not an error.
+#[tokio::test]
+async fn validate_reports_a_target_column_not_added_yet() {
+    let source = PgDb::create("val_col").await;
+    source
+        .exec(
+            "CREATE TABLE users (id bigint PRIMARY KEY, name text, score int); INSERT INTO users VALUES (1, 'Ann', 7);",
+        )
+        .await;
+    let (pg, my) = (PgDb::create("val_col_pg").await, MyDb::create("val_col_my").await);
+    pg.exec("CREATE TABLE users (id bigint PRIMARY KEY, name text); INSERT INTO users VALUES (1, 'Ann');").await;
+    let mut c = my.conn().await;
+    c.query_drop("CREATE TABLE users (id BIGINT PRIMARY KEY, name LONGTEXT)").await.expect("create");
+    c.query_drop("INSERT INTO users VALUES (1, 'Ann')").await.expect("insert");
+    let dir = TempDir::new("val_col");
+    let sinks = format!("{}{}", pg_sink("pg", &pg, None), mysql_sink("my", &my, None));
+    let config = dir.write("sluice.toml", &pipeline_toml(&source, &["public.users"], &sinks, ""));
+    let config = Config::load(&config).expect("config");
+    let report = sluice::validate::validate(&config, Path::new("/"), None).await.expect("validate");
+    assert_eq!(report.differences, 2, "{:#?}", report.lines);
+    for sink in ["pg", "my"] {
+        let line = format!("sink {sink} public.users -> public.users: target table lacks column(s) score");
+        assert!(report.lines.contains(&line), "{line:?} not in {:#?}", report.lines);
+    }
+}
+
 #[tokio::test]
 async fn a_loadgen_workload_over_the_direct_transport_ends_equal() {
     let bed = Bed::new("e2e_load", 300).await;
