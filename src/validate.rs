@@ -22,7 +22,7 @@ use sluice_actors::mapper::plan::{DEFAULT_TARGET_SCHEMA, TargetTable};
 use sluice_actors::mapper::{MappedRows, Mapper, SinkItem};
 use sluice_actors::message::{Change, ChangeBatch, Op, Position};
 use sluice_actors::schema::{TableSchema, quote_ident, quote_literal};
-use sluice_actors::sink::encode::{cell_string, write_mysql_literal};
+use sluice_actors::sink::encode::{cell_string, mysql_value};
 use sluice_actors::sink::mysql::{quote as my_quote, table_name as my_table};
 use sluice_actors::source::catalog;
 use sluice_actors::source::snapshot::CopyParser;
@@ -162,8 +162,9 @@ impl TargetDb {
                         if i > 0 {
                             t.push(',');
                         }
-                        write_mysql_literal(&mut t, a, r)
-                            .map_err(|e| anyhow::anyhow!("key of {}: {e}", target.name))?;
+                        // The rows are read back as text, so the keys go as literals.
+                        let key = mysql_value(a, r).map_err(|e| anyhow::anyhow!("key of {}: {e}", target.name))?;
+                        t.push_str(&key.as_sql(false));
                     }
                     t.push(')');
                     tuples.push(t);

@@ -1,9 +1,11 @@
-//! Arrow cells as SQL text: PostgreSQL `COPY ... FROM STDIN` text format, and MySQL literals.
+//! Arrow cells as SQL values: PostgreSQL `COPY ... FROM STDIN` text format, and MySQL
+//! statement parameters (binary protocol).
 //!
 //! Pure functions, unit-tested. Values keep their exact meaning: decimals print from their
-//! scaled integers, timestamps in ISO form (UTC for time-zone aware ones), binary as hex,
-//! floats with the shortest exact representation. Arrays are PostgreSQL array literals;
-//! MySQL receives them as JSON arrays.
+//! scaled integers, timestamps in ISO form (UTC for time-zone aware ones), binary as hex for
+//! PostgreSQL and as its bytes for MySQL, floats with the shortest exact representation
+//! (MySQL receives the double itself). Arrays are PostgreSQL array literals; MySQL receives
+//! them as JSON arrays.
 
 use std::fmt::Write as _;
 
@@ -13,6 +15,8 @@ use arrow::datatypes::{
     IntervalMonthDayNanoType, IntervalUnit, Time64MicrosecondType, TimeUnit, TimestampMicrosecondType,
 };
 
+use mysql_async::Value as MyValue;
+
 use crate::value::{Interval, MICROS_PER_DAY, civil_from_days, format_time};
 
 /// Which text to produce.
@@ -20,7 +24,7 @@ use crate::value::{Interval, MICROS_PER_DAY, civil_from_days, format_time};
 pub enum Dialect {
     /// PostgreSQL COPY text format (tab separated, backslash escapes, `\N` for NULL).
     PgCopy,
-    /// A MySQL literal for a multi-row `INSERT ... VALUES`.
+    /// The text of a MySQL statement parameter the server converts to the column's type.
     MySql,
 }
 
@@ -74,22 +78,16 @@ fn mysql_datetime(micros: i64) -> Option<String> {
     (1000..=9999).contains(&y).then(|| format!("{y:04}-{m:02}-{d:02} {}", format_time(time)))
 }
 
-fn float_text(f: f64, dialect: Dialect) -> Option<String> {
+/// PostgreSQL float input.
+fn float_text(f: f64) -> String {
     if f.is_finite() {
-        return Some(format!("{f}"));
-    }
-    match dialect {
-        Dialect::PgCopy => Some(
-            if f.is_nan() {
-                "NaN"
-            } else if f > 0.0 {
-                "Infinity"
-            } else {
-                "-Infinity"
-            }
-            .into(),
-        ),
-        Dialect::MySql => None,
+        format!("{f}")
+    } else if f.is_nan() {
+        "NaN".into()
+    } else if f > 0.0 {
+        "Infinity".into()
+    } else {
+        "-Infinity".into()
     }
 }
 
@@ -97,27 +95,18 @@ fn float_text(f: f64, dialect: Dialect) -> Option<String> {
 /// hold the value (it is written as NULL).
 fn cell_text(array: &ArrayRef, row: usize, dialect: Dialect) -> Option<String> {
     Some(match array.data_type() {
-        DataType::Boolean => {
-            let b = array.as_boolean().value(row);
-            match dialect {
-                Dialect::PgCopy => if b { "t" } else { "f" }.into(),
-                Dialect::MySql => if b { "1" } else { "0" }.into(),
-            }
-        }
+        DataType::Boolean => if array.as_boolean().value(row) { "t" } else { "f" }.into(),
         DataType::Int16 => array.as_primitive::<Int16Type>().value(row).to_string(),
         DataType::Int32 => array.as_primitive::<Int32Type>().value(row).to_string(),
         DataType::Int64 => array.as_primitive::<Int64Type>().value(row).to_string(),
-        DataType::Float32 => float_text(array.as_primitive::<Float32Type>().value(row) as f64, dialect)?,
-        DataType::Float64 => float_text(array.as_primitive::<Float64Type>().value(row), dialect)?,
+        DataType::Float32 => float_text(array.as_primitive::<Float32Type>().value(row) as f64),
+        DataType::Float64 => float_text(array.as_primitive::<Float64Type>().value(row)),
         DataType::Decimal128(_, s) => format_decimal(array.as_primitive::<Decimal128Type>().value(row), *s),
         DataType::Utf8 => array.as_string::<i32>().value(row).to_string(),
         DataType::Binary => {
             let bytes = array.as_binary::<i32>().value(row);
             let mut s = String::with_capacity(bytes.len() * 2 + 2);
-            s.push_str(match dialect {
-                Dialect::PgCopy => "\\x",
-                Dialect::MySql => "",
-            });
+            s.push_str("\\x");
             for b in bytes {
                 let _ = write!(s, "{b:02x}");
             }
@@ -142,11 +131,7 @@ fn cell_text(array: &ArrayRef, row: usize, dialect: Dialect) -> Option<String> {
         }
         DataType::Interval(IntervalUnit::MonthDayNano) => {
             let v = array.as_primitive::<IntervalMonthDayNanoType>().value(row);
-            let i = Interval { months: v.months, days: v.days, micros: v.nanoseconds / 1000 };
-            match dialect {
-                Dialect::PgCopy => i.to_string(),
-                Dialect::MySql => i.to_string(),
-            }
+            Interval { months: v.months, days: v.days, micros: v.nanoseconds / 1000 }.to_string()
         }
         DataType::List(_) => {
             let list = array.as_list::<i32>();
@@ -276,44 +261,32 @@ pub fn copy_text(columns: &[&ArrayRef], start: usize, budget: usize) -> (Vec<u8>
 #[error("{0} cannot be stored in MySQL")]
 pub struct Unrepresentable(pub String);
 
-/// Appends one cell as a MySQL literal (`NULL`, a number, `'text'`, `X'hex'`).
-pub fn write_mysql_literal(out: &mut String, array: &ArrayRef, row: usize) -> Result<(), Unrepresentable> {
+/// One cell as a MySQL statement parameter: numbers as numbers, binary as its bytes, the
+/// rest as the text the server converts to the column's type (decimals, dates, times,
+/// JSON); an error for a value MySQL cannot hold.
+pub fn mysql_value(array: &ArrayRef, row: usize) -> Result<MyValue, Unrepresentable> {
     if array.is_null(row) {
-        out.push_str("NULL");
-        return Ok(());
+        return Ok(MyValue::NULL);
     }
-    let Some(text) = cell_text(array, row, Dialect::MySql) else {
-        return Err(Unrepresentable(
-            cell_text(array, row, Dialect::PgCopy).unwrap_or_else(|| format!("a {} value", array.data_type())),
-        ));
-    };
-    match array.data_type() {
-        DataType::Boolean
-        | DataType::Int16
-        | DataType::Int32
-        | DataType::Int64
-        | DataType::Float32
-        | DataType::Float64 => out.push_str(&text),
-        DataType::Decimal128(..) => out.push_str(&text),
-        DataType::Binary => {
-            out.push_str("X'");
-            out.push_str(&text);
-            out.push('\'');
-        }
-        _ => {
-            out.push('\'');
-            for c in text.chars() {
-                match c {
-                    '\'' => out.push_str("''"),
-                    '\\' => out.push_str("\\\\"),
-                    '\0' => out.push_str("\\0"),
-                    _ => out.push(c),
-                }
+    let finite = |f: f64| if f.is_finite() { Ok(f) } else { Err(Unrepresentable(float_text(f))) };
+    Ok(match array.data_type() {
+        DataType::Boolean => MyValue::Int(array.as_boolean().value(row).into()),
+        DataType::Int16 => MyValue::Int(array.as_primitive::<Int16Type>().value(row).into()),
+        DataType::Int32 => MyValue::Int(array.as_primitive::<Int32Type>().value(row).into()),
+        DataType::Int64 => MyValue::Int(array.as_primitive::<Int64Type>().value(row)),
+        DataType::Float32 => MyValue::Float(finite(array.as_primitive::<Float32Type>().value(row).into())? as f32),
+        DataType::Float64 => MyValue::Double(finite(array.as_primitive::<Float64Type>().value(row))?),
+        DataType::Utf8 => MyValue::Bytes(array.as_string::<i32>().value(row).as_bytes().to_vec()),
+        DataType::Binary => MyValue::Bytes(array.as_binary::<i32>().value(row).to_vec()),
+        _ => match cell_text(array, row, Dialect::MySql) {
+            Some(text) => MyValue::Bytes(text.into_bytes()),
+            None => {
+                return Err(Unrepresentable(
+                    cell_text(array, row, Dialect::PgCopy).unwrap_or_else(|| format!("a {} value", array.data_type())),
+                ));
             }
-            out.push('\'');
-        }
-    }
-    Ok(())
+        },
+    })
 }
 
 /// One row as a JSON object of its cells' text, for dead letters.
@@ -385,26 +358,35 @@ mod tests {
         let mut out = Vec::new();
         write_copy_cell(&mut out, &list, 0);
         assert_eq!(String::from_utf8(out).unwrap(), "{\"1\",NULL}");
-        let mut s = String::new();
-        write_mysql_literal(&mut s, &list, 0).unwrap();
-        assert_eq!(s, "'[1,null]'");
+        assert_eq!(mysql_value(&list, 0), Ok(MyValue::Bytes(b"[1,null]".to_vec())));
     }
 
     #[test]
-    fn mysql_literals_quote_and_escape() {
-        let text: ArrayRef = Arc::new(StringArray::from(vec!["it's \\ ok"]));
+    fn mysql_values_keep_their_type() {
+        let text: ArrayRef = Arc::new(StringArray::from(vec![Some("it's \\ ok"), None]));
         let b: ArrayRef = Arc::new(BooleanArray::from(vec![true]));
-        let f: ArrayRef = Arc::new(Float64Array::from(vec![f64::NAN]));
         let i: ArrayRef = Arc::new(Int32Array::from(vec![-5]));
-        let bin: ArrayRef = Arc::new(BinaryArray::from(vec![&[1u8, 2][..]]));
-        let mut s = String::new();
-        for a in [&text, &b, &i, &bin] {
-            write_mysql_literal(&mut s, a, 0).unwrap();
-            s.push(',');
-        }
-        assert_eq!(s, "'it''s \\\\ ok',1,-5,X'0102',");
-        assert_eq!(write_mysql_literal(&mut s, &f, 0), Err(Unrepresentable("NaN".into())));
+        let bin: ArrayRef = Arc::new(BinaryArray::from(vec![&[1u8, 255][..]]));
+        let dec: ArrayRef = Arc::new(Decimal128Array::from(vec![-1]).with_precision_and_scale(10, 2).unwrap());
+        let day: ArrayRef = Arc::new(Date32Array::from(vec![1]));
+        let values: Vec<MyValue> =
+            [&text, &b, &i, &bin, &dec, &day].iter().map(|a| mysql_value(a, 0).unwrap()).collect();
+        assert_eq!(
+            values,
+            [
+                MyValue::Bytes(b"it's \\ ok".to_vec()),
+                MyValue::Int(1),
+                MyValue::Int(-5),
+                MyValue::Bytes(vec![1, 255]),
+                MyValue::Bytes(b"-0.01".to_vec()),
+                MyValue::Bytes(b"1970-01-02".to_vec()),
+            ]
+        );
+        assert_eq!(mysql_value(&text, 1), Ok(MyValue::NULL));
+        let f: ArrayRef = Arc::new(Float64Array::from(vec![f64::NAN, 0.1]));
+        assert_eq!(mysql_value(&f, 0), Err(Unrepresentable("NaN".into())));
+        assert_eq!(mysql_value(&f, 1), Ok(MyValue::Double(0.1)));
         let far: ArrayRef = Arc::new(TimestampMicrosecondArray::from(vec![i64::MAX]));
-        assert!(write_mysql_literal(&mut s, &far, 0).is_err());
+        assert!(mysql_value(&far, 0).is_err());
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! The session runs in UTC with strict SQL mode, so a value the column cannot hold is an
 //! error (and the row a dead letter), never silently truncated. A target schema `public` is
-//! the connection's database; any other schema names a database. Statements are cut into
-//! chunks of at most [`MAX_ROWS_PER_STATEMENT`] rows to stay under `max_allowed_packet`.
+//! the connection's database; any other schema names a database. Statements carry their
+//! values as parameters of prepared statements ([`Statement`]), at most
+//! [`MAX_ROWS_PER_STATEMENT`] rows each (which also stays under `max_allowed_packet`).
 //!
 //! InnoDB reads a page it lacks synchronously, in the thread of the statement that needs
 //! it: a unit updating rows spread over a table larger than the buffer pool waits on one
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use arrow::array::ArrayRef;
 use arrow::datatypes::{DataType, Field};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Opts, Row as MyRow};
+use mysql_async::{Conn, Opts, OptsBuilder, Row as MyRow, Value};
 
 use crate::error::{Context, Error, Result};
 use crate::mapper::DeadLetter;
@@ -31,15 +32,22 @@ use crate::mapper::plan::{DEFAULT_TARGET_SCHEMA, TargetTable};
 use crate::message::{Op, Position, StreamOffset};
 use crate::schema::{PG_TYPE_METADATA, PgType};
 use crate::sink::db::{Database, Durable, PartOp};
-use crate::sink::encode::{Unrepresentable, write_mysql_literal};
+use crate::sink::encode::{Unrepresentable, mysql_value};
 use crate::sink::reduce::Part;
 
-/// Rows per generated statement.
-pub const MAX_ROWS_PER_STATEMENT: usize = 1000;
+/// Rows per generated statement (a power of two, see [`statement_ranges`]). Beyond a few
+/// hundred rows a statement saves no measurable time, while the connection keeps the
+/// description of every parameter of each statement it prepared.
+pub const MAX_ROWS_PER_STATEMENT: usize = 256;
+/// The most parameters the protocol lets a statement have.
+const MAX_PARAMS: usize = u16::MAX as usize;
+/// Prepared statements each connection keeps (at least; a URL's `stmt_cache_size` may
+/// raise it): with [`statement_ranges`] a table needs at most 9 texts per kind of statement.
+const STMT_CACHE: usize = 64;
 /// Helper connections reading ahead of the apply (see the module documentation).
 pub const PREFETCH_CONNECTIONS: usize = 2;
-/// Keys per prefetching statement.
-const PREFETCH_KEYS: usize = 100;
+/// Keys per prefetching statement (a power of two, see [`statement_ranges`]).
+const PREFETCH_KEYS: usize = 128;
 /// Statements queued per helper before further ones are dropped.
 const PREFETCH_QUEUE: usize = 32;
 /// How often the server's buffer pool misses are read to switch prefetching on or off.
@@ -148,36 +156,90 @@ fn key_columns(target: &TargetTable) -> Vec<String> {
     target.key.iter().map(|&k| quote(target.schema.field(k).name())).collect()
 }
 
-fn literal_row(out: &mut String, arrays: &[&ArrayRef], row: usize) -> Result<(), Unrepresentable> {
-    out.push('(');
-    for (i, a) in arrays.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        write_mysql_literal(out, a, row)?;
+/// A statement with `?` placeholders and its parameters. Sent in the binary protocol: each
+/// statement text is prepared once per connection (the connection caches it), and values
+/// travel as they are instead of as literals the server would lex, unescape and convert —
+/// which took most of its CPU with literal multi-row statements (module documentation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    pub sql: String,
+    pub params: Vec<Value>,
+}
+
+/// Appends `(?, ...)` for `columns` values.
+fn placeholders(sql: &mut String, columns: usize) {
+    sql.push('(');
+    for i in 0..columns {
+        sql.push_str(if i == 0 { "?" } else { ",?" });
     }
-    out.push(')');
+    sql.push(')');
+}
+
+/// The rows `range` of `arrays`' cells as parameters, row after row.
+fn row_params(
+    arrays: &[&ArrayRef],
+    range: std::ops::Range<usize>,
+    params: &mut Vec<Value>,
+) -> Result<(), Unrepresentable> {
+    params.reserve(range.len() * arrays.len());
+    for r in range {
+        for a in arrays {
+            params.push(mysql_value(a, r)?);
+        }
+    }
     Ok(())
 }
 
+/// Rows per statement for rows of `columns` values: [`MAX_ROWS_PER_STATEMENT`], or fewer
+/// to stay within the protocol's [`MAX_PARAMS`]; a power of two (see [`statement_ranges`]).
+pub fn rows_per_statement(columns: usize) -> usize {
+    let fit = (MAX_PARAMS / columns.max(1)).max(1);
+    let max = MAX_ROWS_PER_STATEMENT.min(fit);
+    1 << max.ilog2()
+}
+
+/// Ranges covering rows `0..n` in statements of at most `max` rows (a power of two): whole
+/// statements of `max` rows, then what is left in descending powers of two. A table has so
+/// at most `log2(max) + 1` statement texts of each kind, which the connection prepares once
+/// and keeps, whatever the sizes of the parts.
+pub fn statement_ranges(n: usize, max: usize) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::with_capacity(n / max + max.ilog2() as usize + 1);
+    let mut start = 0;
+    let mut size = max;
+    while start < n {
+        while size > n - start {
+            size /= 2;
+        }
+        ranges.push(start..start + size);
+        start += size;
+    }
+    ranges
+}
+
 /// `INSERT ... VALUES ... ON DUPLICATE KEY UPDATE` for rows `range` of `part`.
-pub fn upsert_sql(target: &TargetTable, part: &Part, range: std::ops::Range<usize>) -> Result<String, Unrepresentable> {
+pub fn upsert_sql(
+    target: &TargetTable,
+    part: &Part,
+    range: std::ops::Range<usize>,
+) -> Result<Statement, Unrepresentable> {
     let fields = target.schema.fields();
     let cols: Vec<String> = fields.iter().map(|f| quote(f.name())).collect();
     let arrays: Vec<&ArrayRef> = part.rows.columns().iter().collect();
     let mut sql = format!("INSERT INTO {} ({}) VALUES ", table_name(target), cols.join(", "));
-    for (n, r) in range.enumerate() {
+    for n in 0..range.len() {
         if n > 0 {
             sql.push(',');
         }
-        literal_row(&mut sql, &arrays, r)?;
+        placeholders(&mut sql, cols.len());
     }
     let updates: Vec<String> =
         (0..fields.len()).filter(|i| !target.key.contains(i)).map(|i| format!("{0} = VALUES({0})", cols[i])).collect();
     let updates = if updates.is_empty() { format!("{0} = {0}", cols[target.key[0]]) } else { updates.join(", ") };
     sql.push_str(" ON DUPLICATE KEY UPDATE ");
     sql.push_str(&updates);
-    Ok(sql)
+    let mut params = Vec::new();
+    row_params(&arrays, range, &mut params)?;
+    Ok(Statement { sql, params })
 }
 
 /// `UPDATE t JOIN (rows) s ON key SET columns`, leaving `unchanged` columns; `None` when
@@ -187,7 +249,7 @@ pub fn update_sql(
     part: &Part,
     range: std::ops::Range<usize>,
     unchanged: &[bool],
-) -> Result<Option<String>, Unrepresentable> {
+) -> Result<Option<Statement>, Unrepresentable> {
     let fields = target.schema.fields();
     let set: Vec<usize> =
         (0..fields.len()).filter(|i| !target.key.contains(i) && !unchanged.get(*i).copied().unwrap_or(false)).collect();
@@ -195,64 +257,72 @@ pub fn update_sql(
         return Ok(None);
     }
     let used: Vec<usize> = target.key.iter().copied().chain(set.iter().copied()).collect();
-    let mut derived = String::new();
-    for (n, r) in range.enumerate() {
-        derived.push_str(if n == 0 { "SELECT " } else { " UNION ALL SELECT " });
-        for (j, &c) in used.iter().enumerate() {
-            if j > 0 {
-                derived.push_str(", ");
-            }
-            write_mysql_literal(&mut derived, part.rows.column(c), r)?;
-            if n == 0 {
-                derived.push_str(" AS ");
-                derived.push_str(&quote(fields[c].name()));
-            }
-        }
+    let mut derived = String::from("SELECT ");
+    for (j, &c) in used.iter().enumerate() {
+        derived.push_str(if j == 0 { "? AS " } else { ", ? AS " });
+        derived.push_str(&quote(fields[c].name()));
+    }
+    for _ in 1..range.len() {
+        derived.push_str(" UNION ALL SELECT ?");
+        derived.push_str(&", ?".repeat(used.len() - 1));
     }
     let on: Vec<String> = key_columns(target).iter().map(|k| format!("t.{k} = s.{k}")).collect();
     let sets: Vec<String> = set.iter().map(|&c| format!("t.{0} = s.{0}", quote(fields[c].name()))).collect();
-    Ok(Some(format!(
-        "UPDATE {} t JOIN ({derived}) s ON {} SET {}",
-        table_name(target),
-        on.join(" AND "),
-        sets.join(", ")
-    )))
+    let arrays: Vec<&ArrayRef> = used.iter().map(|&c| part.rows.column(c)).collect();
+    let mut params = Vec::new();
+    row_params(&arrays, range, &mut params)?;
+    Ok(Some(Statement {
+        sql: format!(
+            "UPDATE {} t JOIN ({derived}) s ON {} SET {}",
+            table_name(target),
+            on.join(" AND "),
+            sets.join(", ")
+        ),
+        params,
+    }))
 }
 
-/// `<head> WHERE (key) IN ((...), ...)` for `rows` of `part`.
+/// `<head> WHERE (key) IN ((?), ...)` for `rows` of `part`.
 fn where_keys_in(
     mut sql: String,
     target: &TargetTable,
     part: &Part,
-    rows: impl IntoIterator<Item = usize>,
-) -> Result<String, Unrepresentable> {
+    rows: &[usize],
+) -> Result<Statement, Unrepresentable> {
     let arrays: Vec<&ArrayRef> = target.key.iter().map(|&k| part.rows.column(k)).collect();
     sql.push_str(" WHERE (");
     sql.push_str(&key_columns(target).join(", "));
     sql.push_str(") IN (");
-    for (n, r) in rows.into_iter().enumerate() {
+    let mut params = Vec::with_capacity(rows.len() * arrays.len());
+    for (n, &r) in rows.iter().enumerate() {
         if n > 0 {
             sql.push(',');
         }
-        literal_row(&mut sql, &arrays, r)?;
+        placeholders(&mut sql, arrays.len());
+        row_params(&arrays, r..r + 1, &mut params)?;
     }
     sql.push(')');
-    Ok(sql)
+    Ok(Statement { sql, params })
 }
 
 /// `DELETE ... WHERE key IN (...)` for rows `range` of `part`.
-pub fn delete_sql(target: &TargetTable, part: &Part, range: std::ops::Range<usize>) -> Result<String, Unrepresentable> {
-    where_keys_in(format!("DELETE FROM {}", table_name(target)), target, part, range)
+pub fn delete_sql(
+    target: &TargetTable,
+    part: &Part,
+    range: std::ops::Range<usize>,
+) -> Result<Statement, Unrepresentable> {
+    let rows: Vec<usize> = range.collect();
+    where_keys_in(format!("DELETE FROM {}", table_name(target)), target, part, &rows)
 }
 
 /// A read of the rows `rows` of `part` by key, which brings their pages into the pool.
-pub fn prefetch_sql(target: &TargetTable, part: &Part, rows: &[usize]) -> Result<String, Unrepresentable> {
-    where_keys_in(format!("SELECT 1 FROM {}", table_name(target)), target, part, rows.iter().copied())
+pub fn prefetch_sql(target: &TargetTable, part: &Part, rows: &[usize]) -> Result<Statement, Unrepresentable> {
+    where_keys_in(format!("SELECT 1 FROM {}", table_name(target)), target, part, rows)
 }
 
 /// Helper connections that read the keys a part is about to change (module documentation).
 struct Prefetcher {
-    queues: Vec<tokio::sync::mpsc::Sender<String>>,
+    queues: Vec<tokio::sync::mpsc::Sender<Statement>>,
     next: usize,
     /// Whether the pool missed pages lately (see [`PREFETCH_MIN_READS_PER_S`]).
     active: bool,
@@ -278,12 +348,12 @@ impl Prefetcher {
                     continue;
                 }
             };
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(PREFETCH_QUEUE);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Statement>(PREFETCH_QUEUE);
             let describe = describe.to_string();
             tokio::spawn(async move {
                 let mut conn = conn;
-                while let Some(sql) = rx.recv().await {
-                    match conn.query_drop(sql).await {
+                while let Some(Statement { sql, params }) = rx.recv().await {
+                    match conn.exec_drop(sql, params).await {
                         // A statement the server refused (a table dropped meanwhile): the
                         // connection is still good.
                         Ok(()) | Err(mysql_async::Error::Server(_)) => {}
@@ -307,8 +377,8 @@ impl Prefetcher {
             return;
         }
         let rows: Vec<usize> = (0..part.len()).filter(|&r| wanted(r)).collect();
-        for chunk in rows.chunks(PREFETCH_KEYS) {
-            let Ok(sql) = prefetch_sql(target, part, chunk) else { continue };
+        for range in statement_ranges(rows.len(), PREFETCH_KEYS) {
+            let Ok(sql) = prefetch_sql(target, part, &rows[range]) else { continue };
             let queue = &self.queues[self.next % self.queues.len()];
             self.next = self.next.wrapping_add(1);
             let _ = queue.try_send(sql);
@@ -345,6 +415,8 @@ impl MySqlDatabase {
     pub fn new(url: &str, describe: impl Into<String>) -> Result<Self> {
         let describe = describe.into();
         let opts = Opts::from_url(url).map_err(|e| Error::Fatal(format!("sink {describe}: bad MySQL URL: {e}")))?;
+        let cache = opts.stmt_cache_size().max(STMT_CACHE);
+        let opts = OptsBuilder::from_opts(opts).stmt_cache_size(cache).into();
         Ok(Self { opts, conn: None, prefetcher: None, describe })
     }
 
@@ -352,9 +424,19 @@ impl MySqlDatabase {
         self.conn.as_mut().ok_or_else(|| Error::Fatal("internal: sink used before connect".into()))
     }
 
+    /// What a statement's error names: the sink and the statement's first words.
+    fn what(&self, sql: &str) -> String {
+        format!("{}: {}", self.describe, sql.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
+    }
+
     async fn exec(&mut self, sql: String) -> Result<()> {
-        let what = format!("{}: {}", self.describe, sql.split_whitespace().take(4).collect::<Vec<_>>().join(" "));
+        let what = self.what(&sql);
         self.conn()?.query_drop(sql).await.context(what)
+    }
+
+    async fn exec_statement(&mut self, Statement { sql, params }: Statement) -> Result<()> {
+        let what = self.what(&sql);
+        self.conn()?.exec_drop(sql, params).await.context(what)
     }
 
     fn database(&self) -> String {
@@ -470,22 +552,19 @@ impl Database for MySqlDatabase {
             // Inserts and snapshot rows go to keys the table does not hold yet.
             prefetcher.read_ahead(target, part, |r| !matches!(part.meta[r].op, Op::Insert | Op::Read));
         }
-        let mut start = 0;
-        while start < n {
-            let range = start..(start + MAX_ROWS_PER_STATEMENT).min(n);
-            start = range.end;
-            let sql = match op {
+        for range in statement_ranges(n, rows_per_statement(target.schema.fields().len())) {
+            let statement = match op {
                 PartOp::Upsert => upsert_sql(target, part, range).map(Some),
                 PartOp::Delete => delete_sql(target, part, range).map(Some),
                 PartOp::Update(unchanged) => update_sql(target, part, range, unchanged),
             };
-            let sql = match sql {
-                Ok(Some(sql)) => sql,
+            let statement = match statement {
+                Ok(Some(statement)) => statement,
                 Ok(None) => return Ok(()),
                 // The bisection isolates the row with the value MySQL cannot hold.
                 Err(e) => return Err(Error::Rejected(format!("sink {}: table {}: {e}", self.describe, target.name))),
             };
-            self.exec(sql).await?;
+            self.exec_statement(statement).await?;
         }
         Ok(())
     }
@@ -675,20 +754,45 @@ mod tests {
     }
 
     #[test]
-    fn statements_are_multi_row() {
+    fn statements_are_multi_row_with_parameters() {
         let t = target();
         let p = part(&t);
+        let (one, two, hara) = (Value::Int(1), Value::Int(2), Value::Bytes(b"o'hara".to_vec()));
+        let upsert = upsert_sql(&t, &p, 0..2).unwrap();
         assert_eq!(
-            upsert_sql(&t, &p, 0..2).unwrap(),
-            "INSERT INTO `users` (`id`, `name`, `attrs`) VALUES (1,'o''hara','{}'),(2,NULL,'[1]') \
+            upsert.sql,
+            "INSERT INTO `users` (`id`, `name`, `attrs`) VALUES (?,?,?),(?,?,?) \
              ON DUPLICATE KEY UPDATE `name` = VALUES(`name`), `attrs` = VALUES(`attrs`)"
         );
-        assert_eq!(delete_sql(&t, &p, 0..2).unwrap(), "DELETE FROM `users` WHERE (`id`) IN ((1),(2))");
-        assert_eq!(prefetch_sql(&t, &p, &[1]).unwrap(), "SELECT 1 FROM `users` WHERE (`id`) IN ((2))");
+        let json = |j: &str| Value::Bytes(j.as_bytes().to_vec());
+        assert_eq!(upsert.params, [one.clone(), hara.clone(), json("{}"), two.clone(), Value::NULL, json("[1]")]);
+        let delete = delete_sql(&t, &p, 0..2).unwrap();
+        assert_eq!(delete.sql, "DELETE FROM `users` WHERE (`id`) IN ((?),(?))");
+        assert_eq!(delete.params, [one.clone(), two.clone()]);
+        let prefetch = prefetch_sql(&t, &p, &[1]).unwrap();
         assert_eq!(
-            update_sql(&t, &p, 0..2, &[false, false, true]).unwrap().unwrap(),
-            "UPDATE `users` t JOIN (SELECT 1 AS `id`, 'o''hara' AS `name` UNION ALL SELECT 2, NULL) s ON t.`id` = s.`id` SET t.`name` = s.`name`"
+            (prefetch.sql.as_str(), prefetch.params),
+            ("SELECT 1 FROM `users` WHERE (`id`) IN ((?))", vec![two.clone()])
         );
+        let update = update_sql(&t, &p, 0..2, &[false, false, true]).unwrap().unwrap();
+        assert_eq!(
+            update.sql,
+            "UPDATE `users` t JOIN (SELECT ? AS `id`, ? AS `name` UNION ALL SELECT ?, ?) s ON t.`id` = s.`id` SET t.`name` = s.`name`"
+        );
+        assert_eq!(update.params, [one, hara, two, Value::NULL]);
         assert!(update_sql(&t, &p, 0..2, &[false, true, true]).unwrap().is_none());
+    }
+
+    #[test]
+    fn statements_come_in_few_sizes() {
+        let sizes = |n, max| statement_ranges(n, max).iter().map(|r| r.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(0, 256), Vec::<usize>::new());
+        assert_eq!(sizes(600, 256), [256, 256, 64, 16, 8]);
+        assert_eq!(sizes(3, 4), [2, 1]);
+        let ranges = statement_ranges(1000, 256);
+        assert!(ranges.windows(2).all(|w| w[0].end == w[1].start) && ranges.last().unwrap().end == 1000);
+        assert_eq!(rows_per_statement(13), 256);
+        assert_eq!(rows_per_statement(1000), 64, "65,535 parameters at most");
+        assert_eq!(rows_per_statement(100_000), 1);
     }
 }
