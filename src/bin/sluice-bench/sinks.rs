@@ -207,7 +207,16 @@ async fn through_sink(kind: &str, spec: SinkSpec, rows: u64, txn_rows: usize) ->
     };
     let writer_task = thread.spawn(sink::run(target, options, writer_in, on_commit, stop_rx, Faults::default()));
     let started = Instant::now();
-    let (sent, last) = Generator::new().feed(&to_mapper, rows, txn_rows).await?;
+    let (sent, last) = match Generator::new().feed(&to_mapper, rows, txn_rows).await {
+        Ok(fed) => fed,
+        // A closed mailbox means the mapper or the writer stopped: their error says why.
+        Err(closed) => {
+            drop(to_mapper);
+            mapper_task.await??;
+            writer_task.await??;
+            return Err(closed);
+        }
+    };
     // Nothing more comes: the writer makes what it holds durable as soon as it is idle.
     stop_tx.send_replace(true);
     let done = tokio::time::timeout(Duration::from_secs(1800), durable.wait_for(|p| *p >= last.position)).await;
