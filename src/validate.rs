@@ -18,12 +18,12 @@ use arrow::array::ArrayRef;
 use futures::StreamExt;
 use mysql_async::prelude::Queryable;
 use sluice_actors::compare::{canonical, row_hash};
-use sluice_actors::mapper::plan::{DEFAULT_TARGET_SCHEMA, TargetTable};
+use sluice_actors::mapper::plan::TargetTable;
 use sluice_actors::mapper::{MappedRows, Mapper, SinkItem};
 use sluice_actors::message::{Change, ChangeBatch, Op, Position};
 use sluice_actors::schema::{TableSchema, quote_ident, quote_literal};
 use sluice_actors::sink::encode::{cell_string, mysql_value};
-use sluice_actors::sink::mysql::{quote as my_quote, table_name as my_table};
+use sluice_actors::sink::mysql::{database_of, quote as my_quote, table_name as my_table};
 use sluice_actors::source::catalog;
 use sluice_actors::source::snapshot::CopyParser;
 
@@ -222,8 +222,7 @@ impl TargetDb {
                 Ok(rows.into_iter().map(|r| r.get(0)).collect())
             }
             TargetDb::Mysql(c) => {
-                // `public` is the connection's database (as the sink creates it).
-                let schema = (target.name.schema != DEFAULT_TARGET_SCHEMA).then(|| target.name.schema.clone());
+                let schema = database_of(target);
                 let present: Vec<String> = c
                     .exec(
                         "SELECT column_name FROM information_schema.columns \

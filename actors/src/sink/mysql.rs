@@ -90,12 +90,17 @@ pub fn quote(ident: &str) -> String {
     format!("`{}`", ident.replace('`', "``"))
 }
 
-/// The table's name in MySQL: `public` is the connection's database.
+/// The database a target table lives in: `None` for the connection's own, which the
+/// default target schema `public` names; any other schema names a database.
+pub fn database_of(target: &TargetTable) -> Option<&str> {
+    (target.name.schema != DEFAULT_TARGET_SCHEMA).then_some(target.name.schema.as_str())
+}
+
+/// The table's name in MySQL (see [`database_of`]).
 pub fn table_name(target: &TargetTable) -> String {
-    if target.name.schema == DEFAULT_TARGET_SCHEMA {
-        quote(&target.name.name)
-    } else {
-        format!("{}.{}", quote(&target.name.schema), quote(&target.name.name))
+    match database_of(target) {
+        None => quote(&target.name.name),
+        Some(database) => format!("{}.{}", quote(database), quote(&target.name.name)),
     }
 }
 
@@ -167,28 +172,21 @@ pub struct Statement {
     pub params: Vec<Value>,
 }
 
-/// Appends `(?, ...)` for `columns` values.
-fn placeholders(sql: &mut String, columns: usize) {
-    sql.push('(');
-    for i in 0..columns {
-        sql.push_str(if i == 0 { "?" } else { ",?" });
-    }
-    sql.push(')');
+/// Appends `(?,...),(?,...)`: `rows` lists of `columns` placeholders.
+fn placeholders(sql: &mut String, rows: usize, columns: usize) {
+    let row = format!("({})", vec!["?"; columns].join(","));
+    sql.push_str(&vec![row; rows].join(","));
 }
 
-/// The rows `range` of `arrays`' cells as parameters, row after row.
-fn row_params(
-    arrays: &[&ArrayRef],
-    range: std::ops::Range<usize>,
-    params: &mut Vec<Value>,
-) -> Result<(), Unrepresentable> {
-    params.reserve(range.len() * arrays.len());
-    for r in range {
+/// The cells of `arrays` at `rows` as parameters, row after row.
+fn row_params(arrays: &[&ArrayRef], rows: impl ExactSizeIterator<Item = usize>) -> Result<Vec<Value>, Unrepresentable> {
+    let mut params = Vec::with_capacity(rows.len() * arrays.len());
+    for r in rows {
         for a in arrays {
             params.push(mysql_value(a, r)?);
         }
     }
-    Ok(())
+    Ok(params)
 }
 
 /// Rows per statement for rows of `columns` values: [`MAX_ROWS_PER_STATEMENT`], or fewer
@@ -227,20 +225,13 @@ pub fn upsert_sql(
     let cols: Vec<String> = fields.iter().map(|f| quote(f.name())).collect();
     let arrays: Vec<&ArrayRef> = part.rows.columns().iter().collect();
     let mut sql = format!("INSERT INTO {} ({}) VALUES ", table_name(target), cols.join(", "));
-    for n in 0..range.len() {
-        if n > 0 {
-            sql.push(',');
-        }
-        placeholders(&mut sql, cols.len());
-    }
+    placeholders(&mut sql, range.len(), cols.len());
     let updates: Vec<String> =
         (0..fields.len()).filter(|i| !target.key.contains(i)).map(|i| format!("{0} = VALUES({0})", cols[i])).collect();
     let updates = if updates.is_empty() { format!("{0} = {0}", cols[target.key[0]]) } else { updates.join(", ") };
     sql.push_str(" ON DUPLICATE KEY UPDATE ");
     sql.push_str(&updates);
-    let mut params = Vec::new();
-    row_params(&arrays, range, &mut params)?;
-    Ok(Statement { sql, params })
+    Ok(Statement { sql, params: row_params(&arrays, range)? })
 }
 
 /// `UPDATE t JOIN (rows) s ON key SET columns`, leaving `unchanged` columns; `None` when
@@ -270,8 +261,7 @@ pub fn update_sql(
     let on: Vec<String> = key_columns(target).iter().map(|k| format!("t.{k} = s.{k}")).collect();
     let sets: Vec<String> = set.iter().map(|&c| format!("t.{0} = s.{0}", quote(fields[c].name()))).collect();
     let arrays: Vec<&ArrayRef> = used.iter().map(|&c| part.rows.column(c)).collect();
-    let mut params = Vec::new();
-    row_params(&arrays, range, &mut params)?;
+    let params = row_params(&arrays, range)?;
     Ok(Some(Statement {
         sql: format!(
             "UPDATE {} t JOIN ({derived}) s ON {} SET {}",
@@ -288,22 +278,15 @@ fn where_keys_in(
     mut sql: String,
     target: &TargetTable,
     part: &Part,
-    rows: &[usize],
+    rows: impl ExactSizeIterator<Item = usize>,
 ) -> Result<Statement, Unrepresentable> {
     let arrays: Vec<&ArrayRef> = target.key.iter().map(|&k| part.rows.column(k)).collect();
     sql.push_str(" WHERE (");
     sql.push_str(&key_columns(target).join(", "));
     sql.push_str(") IN (");
-    let mut params = Vec::with_capacity(rows.len() * arrays.len());
-    for (n, &r) in rows.iter().enumerate() {
-        if n > 0 {
-            sql.push(',');
-        }
-        placeholders(&mut sql, arrays.len());
-        row_params(&arrays, r..r + 1, &mut params)?;
-    }
+    placeholders(&mut sql, rows.len(), arrays.len());
     sql.push(')');
-    Ok(Statement { sql, params })
+    Ok(Statement { sql, params: row_params(&arrays, rows)? })
 }
 
 /// `DELETE ... WHERE key IN (...)` for rows `range` of `part`.
@@ -312,13 +295,12 @@ pub fn delete_sql(
     part: &Part,
     range: std::ops::Range<usize>,
 ) -> Result<Statement, Unrepresentable> {
-    let rows: Vec<usize> = range.collect();
-    where_keys_in(format!("DELETE FROM {}", table_name(target)), target, part, &rows)
+    where_keys_in(format!("DELETE FROM {}", table_name(target)), target, part, range)
 }
 
 /// A read of the rows `rows` of `part` by key, which brings their pages into the pool.
 pub fn prefetch_sql(target: &TargetTable, part: &Part, rows: &[usize]) -> Result<Statement, Unrepresentable> {
-    where_keys_in(format!("SELECT 1 FROM {}", table_name(target)), target, part, rows)
+    where_keys_in(format!("SELECT 1 FROM {}", table_name(target)), target, part, rows.iter().copied())
 }
 
 /// Helper connections that read the keys a part is about to change (module documentation).
@@ -488,12 +470,14 @@ impl Database for MySqlDatabase {
     }
 
     async fn ensure_table(&mut self, target: &Arc<TargetTable>) -> Result<()> {
-        let schema =
-            if target.name.schema == DEFAULT_TARGET_SCHEMA { self.database() } else { target.name.schema.clone() };
         let describe = self.describe.clone();
-        if target.name.schema != DEFAULT_TARGET_SCHEMA {
-            self.exec(format!("CREATE DATABASE IF NOT EXISTS {}", quote(&schema))).await?;
-        }
+        let schema = match database_of(target) {
+            None => self.database(),
+            Some(database) => {
+                self.exec(format!("CREATE DATABASE IF NOT EXISTS {}", quote(database))).await?;
+                database.to_string()
+            }
+        };
         let existing: Vec<(String, String)> = self
             .conn()?
             .exec(
