@@ -44,7 +44,7 @@ pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: u64 = 250_000;
 pub const DEFAULT_HEARTBEAT_SECS: u64 = 10;
 pub const DEFAULT_ROTATE_ROWS: usize = 100_000;
 pub const DEFAULT_ROTATE_SECS: u64 = 60;
-/// The most connections a PostgreSQL sink applies over (`sink.lanes`).
+/// The most connections a database sink applies over (`sink.lanes`).
 pub const MAX_LANES: usize = 16;
 pub const DEFAULT_BACKOFF_BASE_MS: u64 = 500;
 pub const DEFAULT_BACKOFF_MAX_MS: u64 = 30_000;
@@ -232,7 +232,7 @@ pub struct SinkConfig {
     /// Overrides `pipeline.restart` for this sink.
     #[serde(default)]
     pub restart: Option<RestartPolicy>,
-    /// PostgreSQL sinks, direct transport: connections applying disjoint keys at once.
+    /// Database sinks, direct transport: connections applying disjoint keys at once.
     #[serde(default)]
     pub lanes: Option<usize>,
 }
@@ -493,8 +493,8 @@ impl Config {
                 p.push(format!("{at}.name: {:?} is used by another sink", s.name));
             }
             match s.lanes {
-                Some(_) if s.kind != SinkKind::Postgres => {
-                    p.push(format!("{at}.lanes: only PostgreSQL sinks apply over lanes"))
+                Some(_) if s.kind == SinkKind::Parquet => {
+                    p.push(format!("{at}.lanes: only PostgreSQL and MySQL sinks apply over lanes"))
                 }
                 Some(n) if !(1..=MAX_LANES).contains(&n) => {
                     p.push(format!("{at}.lanes: {n} is not between 1 and {MAX_LANES}"))

@@ -106,7 +106,12 @@ pub fn sink_plans(config: &Config, base: &Path) -> anyhow::Result<Vec<SinkPlan>>
                 }
                 SinkKind::Mysql => {
                     let url = s.url.clone().unwrap_or_default();
-                    (SinkSpec::Mysql { url: url.clone() }, mask_url(&url))
+                    let spec = SinkSpec::Mysql {
+                        url: url.clone(),
+                        lanes: s.lanes.unwrap_or(1),
+                        stream: config.source.slot.clone(),
+                    };
+                    (spec, mask_url(&url))
                 }
                 SinkKind::Parquet => {
                     let path = s.path.clone().unwrap_or_default();

@@ -80,7 +80,7 @@ impl TargetDb {
             sluice_actors::sink::SinkSpec::Postgres { config, .. } => Ok(TargetDb::Postgres(
                 catalog::connect(config, &plan.name).await.map_err(|e| anyhow::anyhow!("{}", e.chain()))?,
             )),
-            sluice_actors::sink::SinkSpec::Mysql { url } => {
+            sluice_actors::sink::SinkSpec::Mysql { url, .. } => {
                 let opts = mysql_async::Opts::from_url(url)?;
                 let mut conn = mysql_async::Conn::new(opts).await?;
                 conn.query_drop("SET time_zone = '+00:00'").await?;

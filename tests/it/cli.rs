@@ -59,6 +59,11 @@ fn bad_configurations_exit_1_naming_the_key() {
             format!("{GOOD_SOURCE}[[sink]]\nname = \"lake\"\nkind = \"parquet\"\npath = \"x\"\nrotate_rows = 0\n"),
             &["sink[0].rotate_rows", "> 0"],
         ),
+        (
+            "lanes on a parquet sink",
+            format!("{GOOD_SOURCE}[[sink]]\nname = \"lake\"\nkind = \"parquet\"\npath = \"x\"\nlanes = 2\n"),
+            &["sink[0].lanes", "only PostgreSQL and MySQL"],
+        ),
         ("no sink", GOOD_SOURCE.to_string(), &["sink"]),
         ("duplicate sink", format!("{GOOD_SOURCE}{GOOD_SINK}{GOOD_SINK}"), &["sink[1].name"]),
         (

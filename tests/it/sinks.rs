@@ -111,7 +111,8 @@ fn after_unit2() -> State {
 enum Target {
     /// A PostgreSQL database, and the lanes the sink applies over.
     Pg(PgDb, usize),
-    My(MyDb),
+    /// A MariaDB database, and the lanes the sink applies over.
+    My(MyDb, usize),
     Lake(TempDir),
 }
 
@@ -119,7 +120,7 @@ impl Target {
     fn spec(&self) -> SinkSpec {
         match self {
             Target::Pg(db, lanes) => lanes_spec(db, *lanes),
-            Target::My(db) => SinkSpec::Mysql { url: db.url.clone() },
+            Target::My(db, lanes) => SinkSpec::Mysql { url: db.url.clone(), lanes: *lanes, stream: STREAM.into() },
             Target::Lake(dir) => {
                 let (store, prefix) =
                     open_store(dir.path().to_str().expect("path"), &S3Options::default()).expect("store");
@@ -152,7 +153,7 @@ impl Target {
                 s.sort();
                 s
             }
-            Target::My(db) => {
+            Target::My(db, ..) => {
                 let mut c = db.conn().await;
                 let rows: Vec<(i64, String, String, Option<String>)> = c
                     .query("SELECT id, name, CAST(balance AS CHAR), bio FROM accounts ORDER BY id")
@@ -259,7 +260,8 @@ async fn targets() -> Vec<Target> {
     vec![
         Target::Pg(PgDb::create("sink_pg").await, 1),
         Target::Pg(PgDb::create("sink_pg_lanes").await, 2),
-        Target::My(MyDb::create("sink_my").await),
+        Target::My(MyDb::create("sink_my").await, 1),
+        Target::My(MyDb::create("sink_my_lanes").await, 2),
         Target::Lake(TempDir::new("sink_lake")),
     ]
 }
@@ -357,13 +359,17 @@ async fn a_poison_row_is_dead_lettered_and_the_others_are_applied() {
         pg.exec("CREATE TABLE accounts (id bigint PRIMARY KEY, name text, balance numeric(12,2) CHECK (balance >= 0), bio text)").await;
         pgs.push(Target::Pg(pg, lanes));
     }
-    let my = MyDb::create("poison_my").await;
-    my.conn()
-        .await
-        .query_drop("CREATE TABLE accounts (id BIGINT PRIMARY KEY, name LONGTEXT, balance DECIMAL(12,2), bio LONGTEXT, CHECK (balance >= 0))")
-        .await
-        .expect("create");
-    for target in pgs.into_iter().chain([Target::My(my)]) {
+    let mut mys = Vec::new();
+    for (name, lanes) in [("poison_my", 1), ("poison_my_lanes", 2)] {
+        let my = MyDb::create(name).await;
+        my.conn()
+            .await
+            .query_drop("CREATE TABLE accounts (id BIGINT PRIMARY KEY, name LONGTEXT, balance DECIMAL(12,2), bio LONGTEXT, CHECK (balance >= 0))")
+            .await
+            .expect("create");
+        mys.push(Target::My(my, lanes));
+    }
+    for target in pgs.into_iter().chain(mys) {
         let mut sink = target.spec().build("acc").expect("sink");
         sink.open().await.expect("open");
         let before = vec![
@@ -411,7 +417,7 @@ async fn a_poison_row_is_dead_lettered_and_the_others_are_applied() {
                 .iter()
                 .map(|r| (r.get(0), r.get(1), r.get(2)))
                 .collect(),
-            Target::My(db) => db
+            Target::My(db, ..) => db
                 .conn()
                 .await
                 .query("SELECT op, seq, error FROM sluice_dead_letter WHERE sink = 'acc'")

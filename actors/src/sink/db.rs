@@ -22,7 +22,7 @@
 //! them (the slot still holds them, and the offsets roll back with the data). WAL is
 //! flushed in order, so checkpoints are released in order.
 //!
-//! Lanes (`sink.lanes`, PostgreSQL, direct transport): the sink applies over several
+//! Lanes (`sink.lanes`, database sinks, direct transport): the sink applies over several
 //! connections at once, each a *lane* owning the keys whose text hashes to it (a stable
 //! hash, [`lanes_of`]: a key keeps its lane across restarts and versions). Each lane
 //! commits its share of a unit with its own offsets row (partition `lane << 16`), so a

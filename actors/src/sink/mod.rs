@@ -262,10 +262,19 @@ pub enum SinkSpec {
         lanes: usize,
         stream: String,
     },
+    /// `lanes` as above.
     Mysql {
         url: String,
+        lanes: usize,
+        stream: String,
     },
     Parquet(parquet::ParquetOptions),
+}
+
+/// What the connections of a sink of `lanes` lanes are called in messages: the sink's
+/// name, then "<name> (lane 1)" and so on.
+fn lane_names(name: &str, lanes: usize) -> impl Iterator<Item = String> + '_ {
+    (0..lanes.max(1)).map(move |l| if l == 0 { name.to_string() } else { format!("{name} (lane {l})") })
 }
 
 /// A sink of any kind (static dispatch over the three).
@@ -280,15 +289,12 @@ impl SinkSpec {
     pub fn build(&self, name: &str) -> Result<AnySink> {
         Ok(match self {
             SinkSpec::Postgres { config, lanes, stream } => {
-                let lane = |l: usize| match l {
-                    0 => postgres::PgDatabase::new(config.as_ref().clone(), name),
-                    l => postgres::PgDatabase::new(config.as_ref().clone(), format!("{name} (lane {l})")),
-                };
-                let dbs = (0..(*lanes).max(1)).map(lane).collect();
-                AnySink::Postgres(Box::new(db::DbSink::with_lanes(name, stream.clone(), dbs)))
+                let dbs = lane_names(name, *lanes).map(|n| postgres::PgDatabase::new(config.as_ref().clone(), n));
+                AnySink::Postgres(Box::new(db::DbSink::with_lanes(name, stream.clone(), dbs.collect())))
             }
-            SinkSpec::Mysql { url } => {
-                AnySink::Mysql(Box::new(db::DbSink::new(name, mysql::MySqlDatabase::new(url, name)?)))
+            SinkSpec::Mysql { url, lanes, stream } => {
+                let dbs = lane_names(name, *lanes).map(|n| mysql::MySqlDatabase::new(url, n));
+                AnySink::Mysql(Box::new(db::DbSink::with_lanes(name, stream.clone(), dbs.collect::<Result<_>>()?)))
             }
             SinkSpec::Parquet(options) => AnySink::Parquet(Box::new(parquet::ParquetSink::new(name, options.clone()))),
         })

@@ -1,12 +1,20 @@
-//! The MySQL/MariaDB sink: multi-row `INSERT ... ON DUPLICATE KEY UPDATE`, `UPDATE ... JOIN`
-//! a derived table for partial updates, `DELETE ... WHERE key IN (...)`, in one transaction
-//! with the offsets in `sluice_offsets`.
+//! The MySQL/MariaDB sink: `INSERT ... ON DUPLICATE KEY UPDATE`, `UPDATE ... JOIN` a
+//! derived table for partial updates, `DELETE ... WHERE key IN (...)`, in one transaction
+//! with the offsets in `sluice_offsets` (per lane, see [`crate::sink::db`]).
 //!
 //! The session runs in UTC with strict SQL mode, so a value the column cannot hold is an
-//! error (and the row a dead letter), never silently truncated. A target schema `public` is
-//! the connection's database; any other schema names a database. Statements carry their
-//! values as parameters of prepared statements ([`Statement`]), at most
+//! error (and the row a dead letter), never silently truncated, and at READ COMMITTED: its
+//! statements all find rows by key, and under REPEATABLE READ InnoDB also locks gaps (one
+//! lane's upserts held the gap above the highest key, so the other lane's inserts of new
+//! keys waited for that lane's commit, which waited behind them in the writer: a lock
+//! wait timeout, error 1205, in one benchmark run of two with two lanes). A target schema
+//! `public` is the connection's database; any other schema names a database. Statements
+//! carry their values as parameters of prepared statements ([`Statement`]), at most
 //! [`MAX_ROWS_PER_STATEMENT`] rows each (which also stays under `max_allowed_packet`).
+//! MariaDB's bulk requests (`COM_STMT_BULK_EXECUTE`: one single-row statement and the
+//! parameters of many rows) were tried and not kept: no faster end to end and no less
+//! server CPU in the benchmark, though a client sending only inserts saved the server half
+//! of its CPU with them.
 //!
 //! InnoDB reads a page it lacks synchronously, in the thread of the statement that needs
 //! it: a unit updating rows spread over a table larger than the buffer pool waits on one
@@ -84,7 +92,8 @@ CREATE TABLE IF NOT EXISTS sluice_dead_letter (
 
 const SESSION_SQL: &str = "SET time_zone = '+00:00', \
     sql_mode = 'STRICT_ALL_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION', \
-    autocommit = 1";
+    autocommit = 1; \
+    SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED";
 
 pub fn quote(ident: &str) -> String {
     format!("`{}`", ident.replace('`', "``"))
@@ -215,92 +224,112 @@ pub fn statement_ranges(n: usize, max: usize) -> Vec<std::ops::Range<usize>> {
     ranges
 }
 
-/// `INSERT ... VALUES ... ON DUPLICATE KEY UPDATE` for rows `range` of `part`.
-pub fn upsert_sql(
-    target: &TargetTable,
-    part: &Part,
-    range: std::ops::Range<usize>,
-) -> Result<Statement, Unrepresentable> {
-    let fields = target.schema.fields();
-    let cols: Vec<String> = fields.iter().map(|f| quote(f.name())).collect();
-    let arrays: Vec<&ArrayRef> = part.rows.columns().iter().collect();
-    let mut sql = format!("INSERT INTO {} ({}) VALUES ", table_name(target), cols.join(", "));
-    placeholders(&mut sql, range.len(), cols.len());
-    let updates: Vec<String> =
-        (0..fields.len()).filter(|i| !target.key.contains(i)).map(|i| format!("{0} = VALUES({0})", cols[i])).collect();
-    let updates = if updates.is_empty() { format!("{0} = {0}", cols[target.key[0]]) } else { updates.join(", ") };
-    sql.push_str(" ON DUPLICATE KEY UPDATE ");
-    sql.push_str(&updates);
-    Ok(Statement { sql, params: row_params(&arrays, range)? })
+/// What a part's statements do.
+enum Kind {
+    /// `INSERT ... VALUES ... ON DUPLICATE KEY UPDATE`.
+    Upsert,
+    /// `DELETE ... WHERE key IN (...)`.
+    Delete,
+    /// `UPDATE t JOIN (rows) s ON key SET` these columns.
+    Update(Vec<usize>),
 }
 
-/// `UPDATE t JOIN (rows) s ON key SET columns`, leaving `unchanged` columns; `None` when
-/// no column is left to set.
-pub fn update_sql(
-    target: &TargetTable,
-    part: &Part,
-    range: std::ops::Range<usize>,
-    unchanged: &[bool],
-) -> Result<Option<Statement>, Unrepresentable> {
-    let fields = target.schema.fields();
-    let set: Vec<usize> =
-        (0..fields.len()).filter(|i| !target.key.contains(i) && !unchanged.get(*i).copied().unwrap_or(false)).collect();
-    if set.is_empty() {
-        return Ok(None);
-    }
-    let used: Vec<usize> = target.key.iter().copied().chain(set.iter().copied()).collect();
-    let mut derived = String::from("SELECT ");
-    for (j, &c) in used.iter().enumerate() {
-        derived.push_str(if j == 0 { "? AS " } else { ", ? AS " });
-        derived.push_str(&quote(fields[c].name()));
-    }
-    for _ in 1..range.len() {
-        derived.push_str(" UNION ALL SELECT ?");
-        derived.push_str(&", ?".repeat(used.len() - 1));
-    }
-    let on: Vec<String> = key_columns(target).iter().map(|k| format!("t.{k} = s.{k}")).collect();
-    let sets: Vec<String> = set.iter().map(|&c| format!("t.{0} = s.{0}", quote(fields[c].name()))).collect();
-    let arrays: Vec<&ArrayRef> = used.iter().map(|&c| part.rows.column(c)).collect();
-    let params = row_params(&arrays, range)?;
-    Ok(Some(Statement {
-        sql: format!(
-            "UPDATE {} t JOIN ({derived}) s ON {} SET {}",
-            table_name(target),
-            on.join(" AND "),
-            sets.join(", ")
-        ),
-        params,
-    }))
+/// The statements applying one kind of change to rows of a part: their text depends only
+/// on how many rows a statement carries, and each row's parameters are its cells of
+/// `columns`, in the order of the text's placeholders.
+pub struct Statements<'a> {
+    target: &'a TargetTable,
+    kind: Kind,
+    columns: Vec<&'a ArrayRef>,
 }
 
-/// `<head> WHERE (key) IN ((?), ...)` for `rows` of `part`.
-fn where_keys_in(
-    mut sql: String,
-    target: &TargetTable,
-    part: &Part,
-    rows: impl ExactSizeIterator<Item = usize>,
-) -> Result<Statement, Unrepresentable> {
-    let arrays: Vec<&ArrayRef> = target.key.iter().map(|&k| part.rows.column(k)).collect();
+impl<'a> Statements<'a> {
+    /// The statements for `op` on rows of `part`; `None` for an update that leaves every
+    /// column as it is.
+    pub fn new(target: &'a TargetTable, op: &PartOp<'_>, part: &'a Part) -> Option<Self> {
+        let all = 0..target.schema.fields().len();
+        let (kind, used): (Kind, Vec<usize>) = match op {
+            PartOp::Upsert => (Kind::Upsert, all.collect()),
+            PartOp::Delete => (Kind::Delete, target.key.clone()),
+            PartOp::Update(unchanged) => {
+                let set: Vec<usize> =
+                    all.filter(|i| !target.key.contains(i) && !unchanged.get(*i).copied().unwrap_or(false)).collect();
+                if set.is_empty() {
+                    return None;
+                }
+                let used = target.key.iter().chain(&set).copied().collect();
+                (Kind::Update(set), used)
+            }
+        };
+        Some(Self { target, kind, columns: used.iter().map(|&c| part.rows.column(c)).collect() })
+    }
+
+    /// The text of a statement for `rows` rows.
+    fn sql(&self, rows: usize) -> String {
+        let target = self.target;
+        let name = |c: usize| quote(target.schema.field(c).name());
+        match &self.kind {
+            Kind::Upsert => {
+                let n = target.schema.fields().len();
+                let cols: Vec<String> = (0..n).map(name).collect();
+                let mut sql = format!("INSERT INTO {} ({}) VALUES ", table_name(target), cols.join(", "));
+                placeholders(&mut sql, rows, n);
+                let updates: Vec<String> =
+                    (0..n).filter(|i| !target.key.contains(i)).map(|i| format!("{0} = VALUES({0})", cols[i])).collect();
+                sql.push_str(" ON DUPLICATE KEY UPDATE ");
+                match updates.is_empty() {
+                    true => sql.push_str(&format!("{0} = {0}", cols[target.key[0]])),
+                    false => sql.push_str(&updates.join(", ")),
+                }
+                sql
+            }
+            Kind::Delete => keys_in(format!("DELETE FROM {}", table_name(target)), target, rows),
+            Kind::Update(set) => {
+                let used: Vec<usize> = target.key.iter().chain(set).copied().collect();
+                let mut derived = String::from("SELECT ");
+                for (j, &c) in used.iter().enumerate() {
+                    derived.push_str(if j == 0 { "? AS " } else { ", ? AS " });
+                    derived.push_str(&name(c));
+                }
+                for _ in 1..rows {
+                    derived.push_str(" UNION ALL SELECT ?");
+                    derived.push_str(&", ?".repeat(used.len() - 1));
+                }
+                let on: Vec<String> = key_columns(target).iter().map(|k| format!("t.{k} = s.{k}")).collect();
+                let sets: Vec<String> = set.iter().map(|&c| format!("t.{0} = s.{0}", name(c))).collect();
+                format!(
+                    "UPDATE {} t JOIN ({derived}) s ON {} SET {}",
+                    table_name(target),
+                    on.join(" AND "),
+                    sets.join(", ")
+                )
+            }
+        }
+    }
+
+    /// The statement for rows `range`.
+    pub fn statement(&self, range: std::ops::Range<usize>) -> Result<Statement, Unrepresentable> {
+        Ok(Statement { sql: self.sql(range.len()), params: row_params(&self.columns, range)? })
+    }
+}
+
+/// `<head> WHERE (key) IN ((?), ...)` for `rows` keys.
+fn keys_in(mut sql: String, target: &TargetTable, rows: usize) -> String {
     sql.push_str(" WHERE (");
     sql.push_str(&key_columns(target).join(", "));
     sql.push_str(") IN (");
-    placeholders(&mut sql, rows.len(), arrays.len());
+    placeholders(&mut sql, rows, target.key.len());
     sql.push(')');
-    Ok(Statement { sql, params: row_params(&arrays, rows)? })
-}
-
-/// `DELETE ... WHERE key IN (...)` for rows `range` of `part`.
-pub fn delete_sql(
-    target: &TargetTable,
-    part: &Part,
-    range: std::ops::Range<usize>,
-) -> Result<Statement, Unrepresentable> {
-    where_keys_in(format!("DELETE FROM {}", table_name(target)), target, part, range)
+    sql
 }
 
 /// A read of the rows `rows` of `part` by key, which brings their pages into the pool.
 pub fn prefetch_sql(target: &TargetTable, part: &Part, rows: &[usize]) -> Result<Statement, Unrepresentable> {
-    where_keys_in(format!("SELECT 1 FROM {}", table_name(target)), target, part, rows.iter().copied())
+    let keys: Vec<&ArrayRef> = target.key.iter().map(|&k| part.rows.column(k)).collect();
+    Ok(Statement {
+        sql: keys_in(format!("SELECT 1 FROM {}", table_name(target)), target, rows.len()),
+        params: row_params(&keys, rows.iter().copied())?,
+    })
 }
 
 /// Helper connections that read the keys a part is about to change (module documentation).
@@ -537,18 +566,12 @@ impl Database for MySqlDatabase {
             // Inserts and snapshot rows go to keys the table does not hold yet.
             prefetcher.read_ahead(target, part, |r| !matches!(part.meta[r].op, Op::Insert | Op::Read));
         }
+        let Some(statements) = Statements::new(target, &op, part) else { return Ok(()) };
+        // The bisection isolates the row with a value MySQL cannot hold.
+        let table = format!("sink {}: table {}", self.describe, target.name);
+        let rejected = |e: Unrepresentable| Error::Rejected(format!("{table}: {e}"));
         for range in statement_ranges(n, rows_per_statement(target.schema.fields().len())) {
-            let statement = match op {
-                PartOp::Upsert => upsert_sql(target, part, range).map(Some),
-                PartOp::Delete => delete_sql(target, part, range).map(Some),
-                PartOp::Update(unchanged) => update_sql(target, part, range, unchanged),
-            };
-            let statement = match statement {
-                Ok(Some(statement)) => statement,
-                Ok(None) => return Ok(()),
-                // The bisection isolates the row with the value MySQL cannot hold.
-                Err(e) => return Err(Error::Rejected(format!("sink {}: table {}: {e}", self.describe, target.name))),
-            };
+            let statement = statements.statement(range).map_err(rejected)?;
             self.exec_statement(statement).await?;
         }
         Ok(())
@@ -743,7 +766,8 @@ mod tests {
         let t = target();
         let p = part(&t);
         let (one, two, hara) = (Value::Int(1), Value::Int(2), Value::Bytes(b"o'hara".to_vec()));
-        let upsert = upsert_sql(&t, &p, 0..2).unwrap();
+        let statement = |op: PartOp<'_>| Statements::new(&t, &op, &p).map(|s| s.statement(0..2).unwrap());
+        let upsert = statement(PartOp::Upsert).unwrap();
         assert_eq!(
             upsert.sql,
             "INSERT INTO `users` (`id`, `name`, `attrs`) VALUES (?,?,?),(?,?,?) \
@@ -751,7 +775,7 @@ mod tests {
         );
         let json = |j: &str| Value::Bytes(j.as_bytes().to_vec());
         assert_eq!(upsert.params, [one.clone(), hara.clone(), json("{}"), two.clone(), Value::NULL, json("[1]")]);
-        let delete = delete_sql(&t, &p, 0..2).unwrap();
+        let delete = statement(PartOp::Delete).unwrap();
         assert_eq!(delete.sql, "DELETE FROM `users` WHERE (`id`) IN ((?),(?))");
         assert_eq!(delete.params, [one.clone(), two.clone()]);
         let prefetch = prefetch_sql(&t, &p, &[1]).unwrap();
@@ -759,13 +783,13 @@ mod tests {
             (prefetch.sql.as_str(), prefetch.params),
             ("SELECT 1 FROM `users` WHERE (`id`) IN ((?))", vec![two.clone()])
         );
-        let update = update_sql(&t, &p, 0..2, &[false, false, true]).unwrap().unwrap();
+        let update = statement(PartOp::Update(&[false, false, true])).unwrap();
         assert_eq!(
             update.sql,
             "UPDATE `users` t JOIN (SELECT ? AS `id`, ? AS `name` UNION ALL SELECT ?, ?) s ON t.`id` = s.`id` SET t.`name` = s.`name`"
         );
-        assert_eq!(update.params, [one, hara, two, Value::NULL]);
-        assert!(update_sql(&t, &p, 0..2, &[false, true, true]).unwrap().is_none());
+        assert_eq!(update.params, [one.clone(), hara, two.clone(), Value::NULL]);
+        assert!(statement(PartOp::Update(&[false, true, true])).is_none());
     }
 
     #[test]

@@ -97,6 +97,10 @@ pub struct Args {
     /// --sinks-only).
     #[arg(long, default_value_t = 1)]
     pub pg_lanes: usize,
+    /// Connections the MySQL sink applies over (its `lanes`; direct transport and
+    /// --sinks-only).
+    #[arg(long, default_value_t = 1)]
+    pub mysql_lanes: usize,
     /// Sink kinds for --sinks-only.
     #[arg(long, value_delimiter = ',', default_value = "postgres,mysql,parquet")]
     pub sink_kinds: Vec<String>,

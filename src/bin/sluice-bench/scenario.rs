@@ -166,6 +166,20 @@ impl Bench {
         let mut c = mysql_async::Conn::from_url(self.args.mysql.as_str()).await.context("connect to MariaDB")?;
         c.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await?;
         c.query_drop(format!("CREATE DATABASE `{db}`")).await?;
+        // The server's settings decide its apply rate more than the sink does: a small
+        // buffer pool makes updates wait on disk reads, a small redo log on page flushes.
+        let settings: Option<(String, u64, u64, u8)> = c
+            .query_first(
+                "SELECT VERSION(), @@innodb_buffer_pool_size >> 20, @@innodb_log_file_size >> 20, \
+                 @@innodb_flush_log_at_trx_commit",
+            )
+            .await?;
+        if let Some((version, pool, log, flush)) = settings {
+            eprintln!(
+                "[bench] MySQL target {version}: innodb_buffer_pool_size {pool} MB, innodb_log_file_size {log} MB, \
+                 innodb_flush_log_at_trx_commit {flush}"
+            );
+        }
         c.disconnect().await?;
         Ok(())
     }
@@ -191,19 +205,21 @@ impl Bench {
     }
 
     fn sink_toml(&self, kind: &str, transport: Transport) -> String {
+        // Through Kafka a sink applies over one connection.
+        let lanes = |n: usize| if transport == Transport::Direct { n } else { 1 };
         match kind {
             "postgres" => {
-                // Through Kafka a sink applies over one connection.
-                let lanes = if transport == Transport::Direct { self.args.pg_lanes } else { 1 };
+                let lanes = lanes(self.args.pg_lanes);
                 format!(
                     "[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\nurl = \"{}\"\nlanes = {lanes}\n",
                     self.url("bench_t_pg")
                 )
             }
             "mysql" => format!(
-                "[[sink]]\nname = \"mysql\"\nkind = \"mysql\"\nurl = \"{}\"\nmapping = \"{}\"\n",
+                "[[sink]]\nname = \"mysql\"\nkind = \"mysql\"\nurl = \"{}\"\nmapping = \"{}\"\nlanes = {}\n",
                 self.mysql_url("bench_t_my"),
-                concat!(env!("CARGO_MANIFEST_DIR"), "/queries/mysql.sql")
+                concat!(env!("CARGO_MANIFEST_DIR"), "/queries/mysql.sql"),
+                lanes(self.args.mysql_lanes)
             ),
             // Files every second, so that "durable" is not the default minute of buffering.
             _ => format!(

@@ -209,11 +209,12 @@ async fn through_sink(kind: &str, spec: SinkSpec, rows: u64, txn_rows: usize) ->
     let started = Instant::now();
     let (sent, last) = match Generator::new().feed(&to_mapper, rows, txn_rows).await {
         Ok(fed) => fed,
-        // A closed mailbox means the mapper or the writer stopped: their error says why.
+        // A closed mailbox means the mapper or the writer stopped: their error says why
+        // (the writer's first: when it fails, the mapper only finds its mailbox closed).
         Err(closed) => {
             drop(to_mapper);
-            mapper_task.await??;
             writer_task.await??;
+            mapper_task.await??;
             return Err(closed);
         }
     };
@@ -264,7 +265,11 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<SinkFigures> {
             }
             "mysql" => {
                 bench.fresh_mysql("bench_t_my").await?;
-                SinkSpec::Mysql { url: bench.mysql_url("bench_t_my") }
+                SinkSpec::Mysql {
+                    url: bench.mysql_url("bench_t_my"),
+                    lanes: bench.args.mysql_lanes,
+                    stream: "bench".into(),
+                }
             }
             "parquet" => {
                 let lake = bench.dir.join("lake");
