@@ -567,11 +567,11 @@ impl Database for MySqlDatabase {
             prefetcher.read_ahead(target, part, |r| !matches!(part.meta[r].op, Op::Insert | Op::Read));
         }
         let Some(statements) = Statements::new(target, &op, part) else { return Ok(()) };
-        // The bisection isolates the row with a value MySQL cannot hold.
-        let table = format!("sink {}: table {}", self.describe, target.name);
-        let rejected = |e: Unrepresentable| Error::Rejected(format!("{table}: {e}"));
         for range in statement_ranges(n, rows_per_statement(target.schema.fields().len())) {
-            let statement = statements.statement(range).map_err(rejected)?;
+            // The bisection isolates the row with a value MySQL cannot hold.
+            let statement = statements
+                .statement(range)
+                .map_err(|e| Error::Rejected(format!("sink {}: table {}: {e}", self.describe, target.name)))?;
             self.exec_statement(statement).await?;
         }
         Ok(())
