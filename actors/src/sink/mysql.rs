@@ -235,12 +235,13 @@ enum Kind {
 }
 
 /// The statements applying one kind of change to rows of a part: their text depends only
-/// on how many rows a statement carries, and each row's parameters are its cells of
-/// `columns`, in the order of the text's placeholders.
+/// on how many rows a statement carries, and each row's parameters are its cells of the
+/// `used` columns, in the order of the text's placeholders.
 pub struct Statements<'a> {
     target: &'a TargetTable,
+    part: &'a Part,
     kind: Kind,
-    columns: Vec<&'a ArrayRef>,
+    used: Vec<usize>,
 }
 
 impl<'a> Statements<'a> {
@@ -261,7 +262,7 @@ impl<'a> Statements<'a> {
                 (Kind::Update(set), used)
             }
         };
-        Some(Self { target, kind, columns: used.iter().map(|&c| part.rows.column(c)).collect() })
+        Some(Self { target, part, kind, used })
     }
 
     /// The text of a statement for `rows` rows.
@@ -285,15 +286,14 @@ impl<'a> Statements<'a> {
             }
             Kind::Delete => keys_in(format!("DELETE FROM {}", table_name(target)), target, rows),
             Kind::Update(set) => {
-                let used: Vec<usize> = target.key.iter().chain(set).copied().collect();
                 let mut derived = String::from("SELECT ");
-                for (j, &c) in used.iter().enumerate() {
+                for (j, &c) in self.used.iter().enumerate() {
                     derived.push_str(if j == 0 { "? AS " } else { ", ? AS " });
                     derived.push_str(&name(c));
                 }
                 for _ in 1..rows {
                     derived.push_str(" UNION ALL SELECT ?");
-                    derived.push_str(&", ?".repeat(used.len() - 1));
+                    derived.push_str(&", ?".repeat(self.used.len() - 1));
                 }
                 let on: Vec<String> = key_columns(target).iter().map(|k| format!("t.{k} = s.{k}")).collect();
                 let sets: Vec<String> = set.iter().map(|&c| format!("t.{0} = s.{0}", name(c))).collect();
@@ -309,7 +309,8 @@ impl<'a> Statements<'a> {
 
     /// The statement for rows `range`.
     pub fn statement(&self, range: std::ops::Range<usize>) -> Result<Statement, Unrepresentable> {
-        Ok(Statement { sql: self.sql(range.len()), params: row_params(&self.columns, range)? })
+        let columns: Vec<&ArrayRef> = self.used.iter().map(|&c| self.part.rows.column(c)).collect();
+        Ok(Statement { sql: self.sql(range.len()), params: row_params(&columns, range)? })
     }
 }
 
