@@ -45,7 +45,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    sluice::allocator::limit_c_arenas();
+    sluice::allocator::configure();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -191,8 +191,14 @@ fn default_pg() -> String {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The daemon's allocator settings: the in-process measurements (--sinks-only,
+    // --source-only, --kafka-only) run the daemon's actors.
+    sluice::allocator::configure();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let bench = Bench::new(args.clone()).await.context("prepare the benchmark")?;
     let load_before = load();
