@@ -49,7 +49,7 @@
 //! queue size nor `queued.min.messages` bounds; the fetch size does (the consumer's
 //! `FETCH_BYTES`, 256 KB: peak 97-101 MB).
 //!
-//! Every binary calls [`configure`] first in `main`, before any thread starts.
+//! `sluice` and `sluice-bench` call [`configure`] first in `main`, before any thread starts.
 
 use std::ffi::c_long;
 use std::time::Duration;
@@ -137,13 +137,12 @@ mod tests {
         let (version, delay) =
             unsafe { (libmimalloc_sys::mi_version(), libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY)) };
         assert!((20_000..30_000).contains(&version), "mimalloc {version} is not v2");
+        // A delay from the environment is the option's value and is left as it is.
         if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
             assert_eq!(delay, 10, "option {MI_OPTION_PURGE_DELAY} is not purge_delay");
-        }
-        configure();
-        // SAFETY: as above.
-        let set = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            purge_promptly();
+            // SAFETY: as above.
+            let set = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
             assert_eq!(set, PURGE_DELAY_MS);
         }
     }
