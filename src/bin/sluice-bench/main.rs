@@ -76,8 +76,9 @@ pub struct Args {
     #[arg(long)]
     pub source_only: bool,
     /// Measure only the sinks: --rows generated `users` changes (50/50 inserts and
-    /// updates) through the mapper and writer actors into each sink kind, and the
-    /// mapping stage alone.
+    /// updates) through the mapper and writer actors into each sink kind, with the CPU
+    /// its server spent, and the mapping stage alone; for PostgreSQL, also native
+    /// replication applying the same changes (unless --skip-native).
     #[arg(long, conflicts_with = "source_only")]
     pub sinks_only: bool,
     /// Measure only the Kafka transport: --rows generated `users` changes through the

@@ -22,11 +22,20 @@ pub struct NativeFigures {
 }
 
 const SUBSCRIBER: &str = "bench_native";
-const LIMIT: Duration = Duration::from_secs(1800);
+pub const LIMIT: Duration = Duration::from_secs(1800);
 
 /// A subscription from `source` (tables users and orders) into a fresh subscriber with
 /// the load generator's schema; returns the subscriber once the subscription exists.
 async fn subscribe(bench: &Bench, source: &str, copy_data: bool) -> anyhow::Result<Client> {
+    publish(bench, source).await?;
+    let subscriber = subscriber(bench).await?;
+    attach(bench, &subscriber, source, copy_data).await?;
+    Ok(subscriber)
+}
+
+/// The publication of `source`'s users and orders and its slot: from here on the slot
+/// keeps every change for a subscription [`attach`]ed later.
+pub async fn publish(bench: &Bench, source: &str) -> anyhow::Result<()> {
     // A run that failed leaves its subscription, which keeps the database in use.
     if let Ok(old) = pg(&bench.url(SUBSCRIBER)).await {
         let _ = old
@@ -36,9 +45,6 @@ async fn subscribe(bench: &Bench, source: &str, copy_data: bool) -> anyhow::Resu
             .await;
         let _ = old.batch_execute("DROP SUBSCRIPTION IF EXISTS bench_native").await;
     }
-    bench.fresh_pg(SUBSCRIBER).await?;
-    let subscriber = pg(&bench.url(SUBSCRIBER)).await?;
-    loadgen::create_schema(&subscriber).await?;
     bench.drop_slot("bench_native").await?;
     let publisher = pg(&bench.url(source)).await?;
     publisher
@@ -52,6 +58,19 @@ async fn subscribe(bench: &Bench, source: &str, copy_data: bool) -> anyhow::Resu
         .batch_execute("SELECT pg_create_logical_replication_slot('bench_native', 'pgoutput')")
         .await
         .context("replication slot")?;
+    Ok(())
+}
+
+/// A fresh subscriber database with the load generator's schema.
+pub async fn subscriber(bench: &Bench) -> anyhow::Result<Client> {
+    bench.fresh_pg(SUBSCRIBER).await?;
+    let subscriber = pg(&bench.url(SUBSCRIBER)).await?;
+    loadgen::create_schema(&subscriber).await?;
+    Ok(subscriber)
+}
+
+/// Subscribes `subscriber` to what [`publish`] made of `source`.
+pub async fn attach(bench: &Bench, subscriber: &Client, source: &str, copy_data: bool) -> anyhow::Result<()> {
     let conninfo = connection_string(&bench.url(source))?;
     subscriber
         .batch_execute(&format!(
@@ -59,8 +78,7 @@ async fn subscribe(bench: &Bench, source: &str, copy_data: bool) -> anyhow::Resu
              WITH (create_slot = false, slot_name = 'bench_native', copy_data = {copy_data})"
         ))
         .await
-        .context("create subscription")?;
-    Ok(subscriber)
+        .context("create subscription")
 }
 
 /// `host=... port=... user=... dbname=...` from a postgres:// URL.
@@ -93,7 +111,7 @@ async fn synced(subscriber: &Client) -> anyhow::Result<bool> {
     Ok(total > 0 && pending == 0)
 }
 
-async fn unsubscribe(bench: &Bench, subscriber: Client, source: &str) -> anyhow::Result<()> {
+pub async fn unsubscribe(bench: &Bench, subscriber: Client, source: &str) -> anyhow::Result<()> {
     // DROP SUBSCRIPTION also drops the slot on the publisher.
     subscriber.batch_execute("DROP SUBSCRIPTION IF EXISTS bench_native").await?;
     drop(subscriber);

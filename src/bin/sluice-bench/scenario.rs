@@ -142,7 +142,7 @@ impl Bench {
             let _ = self.drop_slot(slot).await;
         }
         if let Ok(admin) = pg(&self.url("postgres")).await {
-            for db in ["bench_t_pg", "bench_native"] {
+            for db in ["bench_t_pg", "bench_native", crate::sinks::NATIVE_PUBLISHER] {
                 let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
             }
         }

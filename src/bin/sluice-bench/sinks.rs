@@ -8,7 +8,16 @@
 //! the run over the time from the first change sent to the last checkpoint the sink made
 //! durable. The mapping stage is timed apart on batches built beforehand: the identity
 //! (no mapping file) and the renaming, lowercasing, filtering `queries/mysql.sql`.
+//!
+//! Beside each rate: the CPU time the sink's server and this process (generator, mapper,
+//! writer) spent on the run, per million rows: a sink whose server needs more CPU for the
+//! target rate than the machine's cores give cannot reach it, whatever the writer does.
+//! For PostgreSQL, the reference: the
+//! same changes written into a publisher by the sink (not timed), then drained by
+//! PostgreSQL's own logical replication into a fresh subscriber (timed from the
+//! subscription's creation to its applying the last change), unless `--skip-native`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +34,9 @@ use sluice_actors::supervisor::ActorThread;
 use sluice_actors::value::Value;
 use tokio::sync::watch;
 
-use crate::scenario::Bench;
+use crate::native;
+use crate::scenario::{Bench, has_user, insert_marker, pg};
+use crate::wait_for;
 
 /// Rows per mapped batch when the mapping stage is timed alone.
 const MAP_BATCH_ROWS: usize = 1000;
@@ -33,11 +44,21 @@ const MAP_BATCH_ROWS: usize = 1000;
 const MAP_ROWS: usize = 200_000;
 /// Parquet files are put every this many rows (the daemon's default is 100,000).
 const PARQUET_ROTATE_ROWS: usize = 100_000;
+/// The publisher of the native reference (`bench_native` is its subscriber).
+pub const NATIVE_PUBLISHER: &str = "bench_native_pub";
 
 #[derive(Debug, Serialize)]
 pub struct SinkFigures {
     /// Rows/s per sink kind.
-    pub rows_per_s: std::collections::BTreeMap<String, f64>,
+    pub rows_per_s: BTreeMap<String, f64>,
+    /// CPU seconds per 1M rows per sink kind: its server's processes, and this process
+    /// (the generator, the mapper and the writer).
+    pub server_cpu_s_per_m: BTreeMap<String, f64>,
+    pub bench_cpu_s_per_m: BTreeMap<String, f64>,
+    /// PostgreSQL's own logical replication applying the same changes, rows/s, and its
+    /// server's CPU seconds per 1M rows (walsender and apply worker).
+    pub native_postgres_rows_per_s: Option<f64>,
+    pub native_server_cpu_s_per_m: Option<f64>,
     /// Rows/s of the mapping stage alone: identity, and SQL (`queries/mysql.sql`).
     pub mapping_identity_rows_per_s: f64,
     pub mapping_sql_rows_per_s: f64,
@@ -255,13 +276,21 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<SinkFigures> {
     let sql = mapping_rate(Mapping::Sql(statements)).await?;
     eprintln!("[bench] mapping stage, SQL (rename, lower(), WHERE): {sql:.0} rows/s");
 
-    let mut rows_per_s = std::collections::BTreeMap::new();
+    let mut figures = SinkFigures {
+        rows_per_s: BTreeMap::new(),
+        server_cpu_s_per_m: BTreeMap::new(),
+        bench_cpu_s_per_m: BTreeMap::new(),
+        native_postgres_rows_per_s: None,
+        native_server_cpu_s_per_m: None,
+        mapping_identity_rows_per_s: identity,
+        mapping_sql_rows_per_s: sql,
+        peak_rss_mb: 0.0,
+    };
     for kind in bench.args.sink_kinds.iter().map(String::as_str) {
         let spec = match kind {
             "postgres" => {
                 bench.fresh_pg("bench_t_pg").await?;
-                let config = Box::new(bench.url("bench_t_pg").parse().context("sink url")?);
-                SinkSpec::Postgres { config, lanes: bench.args.pg_lanes, stream: "bench".into() }
+                postgres_spec(bench, "bench_t_pg")?
             }
             "mysql" => {
                 bench.fresh_mysql("bench_t_my").await?;
@@ -287,16 +316,144 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<SinkFigures> {
             }
             other => anyhow::bail!("--sink-kinds: unknown sink kind {other:?} (postgres, mysql, parquet)"),
         };
+        let server = Cpu::of(kind);
+        let own = Cpu::own();
         let rate = through_sink(kind, spec, rows, txn_rows).await.with_context(|| format!("the {kind} sink"))?;
+        let per_m = |cpu: Option<f64>| cpu.map(|s| s * 1e6 / rows as f64);
+        let (server, own) = (per_m(server.spent()), per_m(own.spent()));
         eprintln!(
-            "[bench] {kind} sink: {rate:.0} rows/s ({rows} changes, 50/50 inserts/updates, {txn_rows} per transaction)"
+            "[bench] {kind} sink: {rate:.0} rows/s ({rows} changes, 50/50 inserts/updates, {txn_rows} per transaction); \
+             CPU per 1M rows: server {}, sluice-bench {}",
+            secs(server),
+            secs(own)
         );
-        rows_per_s.insert(kind.to_string(), rate);
+        figures.rows_per_s.insert(kind.to_string(), rate);
+        server.map(|s| figures.server_cpu_s_per_m.insert(kind.to_string(), s));
+        own.map(|s| figures.bench_cpu_s_per_m.insert(kind.to_string(), s));
+        if kind == "postgres" && !bench.args.skip_native {
+            let (rate, server) = native_rate(bench, rows, txn_rows).await.context("native replication")?;
+            eprintln!(
+                "[bench] native replication of the same changes: {rate:.0} rows/s; server CPU per 1M rows {}",
+                secs(server)
+            );
+            figures.native_postgres_rows_per_s = Some(rate);
+            figures.native_server_cpu_s_per_m = server;
+        }
     }
-    Ok(SinkFigures {
-        rows_per_s,
-        mapping_identity_rows_per_s: identity,
-        mapping_sql_rows_per_s: sql,
-        peak_rss_mb: crate::source::own_peak_rss_mb(),
+    figures.peak_rss_mb = crate::source::own_peak_rss_mb();
+    Ok(figures)
+}
+
+fn secs(s: Option<f64>) -> String {
+    s.map_or("n/a".into(), |s| format!("{s:.1} s"))
+}
+
+fn postgres_spec(bench: &Bench, db: &str) -> anyhow::Result<SinkSpec> {
+    let config = Box::new(bench.url(db).parse().context("sink url")?);
+    Ok(SinkSpec::Postgres { config, lanes: bench.args.pg_lanes, stream: "bench".into() })
+}
+
+/// Rows/s of PostgreSQL's own logical replication applying `rows` generated changes, and
+/// its server's CPU seconds per 1M rows. The changes are written into a publisher whose
+/// slot exists first, by the sluice sink (not timed: it only produces the WAL), then a
+/// subscription created on a fresh subscriber drains them, up to a marker row written
+/// last. The sink writes each unit's last state per key, as the source would have sent
+/// it, so the publisher's WAL holds what the sink was given (less the few updates of keys
+/// inserted in the same unit).
+async fn native_rate(bench: &Bench, rows: u64, txn_rows: usize) -> anyhow::Result<(f64, Option<f64>)> {
+    bench.fresh_pg(NATIVE_PUBLISHER).await?;
+    let publisher = pg(&bench.url(NATIVE_PUBLISHER)).await?;
+    loadgen::create_schema(&publisher).await?;
+    native::publish(bench, NATIVE_PUBLISHER).await?;
+    eprintln!("[bench] native replication: writing the same changes into a publisher");
+    let spec = postgres_spec(bench, NATIVE_PUBLISHER)?;
+    through_sink("postgres", spec, rows, txn_rows).await.context("writing the changes into the publisher")?;
+    // The sink wrote explicit ids: the marker's id comes after them.
+    publisher
+        .batch_execute("SELECT setval(pg_get_serial_sequence('users', 'id'), (SELECT max(id) FROM users))")
+        .await?;
+    let marker = insert_marker(&publisher).await?;
+    let subscriber = native::subscriber(bench).await?;
+    let server = Cpu::of("postgres");
+    let started = Instant::now();
+    native::attach(bench, &subscriber, NATIVE_PUBLISHER, false).await?;
+    wait_for("the native apply", native::LIMIT, Duration::from_millis(50), || has_user(&subscriber, marker)).await?;
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    let server = server.spent().map(|s| s * 1e6 / rows as f64);
+    native::unsubscribe(bench, subscriber, NATIVE_PUBLISHER).await?;
+    Ok((rate, server))
+}
+
+/// CPU time of a set of processes, from a starting reading.
+struct Cpu {
+    read: fn() -> Option<f64>,
+    start: Option<f64>,
+}
+
+impl Cpu {
+    /// The local server of a sink kind: PostgreSQL's processes, or MariaDB's (MySQL's).
+    fn of(kind: &str) -> Cpu {
+        let read: fn() -> Option<f64> = match kind {
+            "postgres" => || server_cpu_secs(&["postgres"]),
+            "mysql" => || server_cpu_secs(&["mariadbd", "mysqld"]),
+            _ => || None,
+        };
+        Cpu { read, start: read() }
+    }
+
+    /// This process.
+    fn own() -> Cpu {
+        let read = || stat_times(std::path::Path::new("/proc/self/stat")).map(|t| t.own);
+        Cpu { read, start: read() }
+    }
+
+    /// Seconds spent since the starting reading.
+    fn spent(&self) -> Option<f64> {
+        Some((self.read)()? - self.start?)
+    }
+}
+
+/// What /proc/<pid>/stat says of a process: its name, parent, CPU seconds of its own and
+/// of its children that have exited and been waited for.
+struct StatTimes {
+    comm: String,
+    ppid: u32,
+    own: f64,
+    reaped: f64,
+}
+
+/// /proc counts CPU time in ticks of USER_HZ, 100 per second on Linux's architectures.
+const TICKS_PER_S: f64 = 100.0;
+
+fn stat_times(path: &std::path::Path) -> Option<StatTimes> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The name is in parentheses and may hold spaces or parentheses itself.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).map(|t| t / TICKS_PER_S);
+    Some(StatTimes {
+        comm: stat[open + 1..close].to_string(),
+        ppid: fields.get(1)?.parse().ok()?,
+        own: tick(11)? + tick(12)?,
+        reaped: tick(13)? + tick(14)?,
     })
+}
+
+/// CPU seconds used so far by the local server whose processes are named one of `names`:
+/// every such process's own time, plus, for the server's root process (whose parent is
+/// not one of them: PostgreSQL's postmaster), the time of its exited children (backends
+/// of closed connections). `None` when no such process is visible.
+fn server_cpu_secs(names: &[&str]) -> Option<f64> {
+    let mut procs = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+            && let Some(t) = stat_times(&entry.path().join("stat"))
+            && names.contains(&t.comm.as_str())
+        {
+            procs.push((pid, t));
+        }
+    }
+    let pids: std::collections::HashSet<u32> = procs.iter().map(|(pid, _)| *pid).collect();
+    let total = procs.iter().map(|(_, t)| t.own + if pids.contains(&t.ppid) { 0.0 } else { t.reaped }).sum();
+    (!procs.is_empty()).then_some(total)
 }
