@@ -47,6 +47,12 @@ pub struct Args {
     /// Changes written while the sinks are paused, for the catch-up.
     #[arg(long, default_value_t = 500_000)]
     pub changes: u64,
+    /// Users in the source of the catch-up, latency and streaming-decode runs (updates and
+    /// deletes need rows). The default fits in PostgreSQL's default shared_buffers; a
+    /// larger one (500,000 users are about 600 MB) shows the apply into a table that does
+    /// not, where the server's page reads and writes decide the rate.
+    #[arg(long, default_value_t = 10_000)]
+    pub catchup_users: u64,
     /// Changes for the catch-up through Kafka; 0: the same as --changes.
     #[arg(long, default_value_t = 100_000)]
     pub kafka_changes: u64,
@@ -219,7 +225,7 @@ async fn run() -> anyhow::Result<()> {
     if let Some((name, figures)) = component {
         let line = json!({
             "bench": name, "cores": num_cores(), "load_before": load_before, "load_after": load(),
-            "pg": args.pg, "rows": args.rows, "changes": args.changes, "txn_rows": args.txn_rows,
+            "pg": args.pg, "rows": args.rows, "changes": args.changes, "catchup_users": args.catchup_users, "txn_rows": args.txn_rows,
             "figures": figures,
         });
         emit(&line, &args)?;
@@ -258,7 +264,7 @@ async fn run() -> anyhow::Result<()> {
         "pg": args.pg,
         "rows": args.rows,
         "kafka_rows": bench.kafka_rows(),
-        "changes": args.changes,
+        "changes": args.changes, "catchup_users": args.catchup_users,
         "kafka_changes": bench.kafka_changes(),
         "latency_txns": args.latency_txns,
         "results": results.iter().map(|(t, f)| (t.name().to_string(), serde_json::to_value(f).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),

@@ -8,9 +8,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::scenario::{
-    Bench, CATCHUP_USERS, count, has_user, insert_marker, measure_latency, percentile, pg, workload,
-};
+use crate::scenario::{Bench, count, has_user, insert_marker, measure_latency, percentile, pg, workload};
 use crate::wait_for;
 
 #[derive(Debug, Default, Serialize)]
@@ -147,13 +145,13 @@ async fn snapshot(bench: &Bench) -> anyhow::Result<f64> {
 /// Catch-up (the same workload written while the subscription is disabled), then latency
 /// on the caught-up subscription.
 async fn catchup_and_latency(bench: &Bench, figures: &mut NativeFigures) -> anyhow::Result<()> {
-    bench.ensure_source("bench_cu", CATCHUP_USERS).await?;
+    bench.ensure_source("bench_cu", bench.args.catchup_users).await?;
     let subscriber = subscribe(bench, "bench_cu", true).await?;
     wait_for("the native copy of the catch-up source", LIMIT, Duration::from_millis(100), || synced(&subscriber))
         .await?;
     let users = count(&pg(&bench.url("bench_cu")).await?, "users").await?;
     anyhow::ensure!(
-        users >= CATCHUP_USERS as i64 && count(&subscriber, "users").await? == users,
+        users >= bench.args.catchup_users as i64 && count(&subscriber, "users").await? == users,
         "native copy incomplete"
     );
     let source = pg(&bench.url("bench_cu")).await?;

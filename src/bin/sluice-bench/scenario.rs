@@ -12,8 +12,6 @@ use tokio_postgres::{Client, NoTls};
 use crate::daemon::Daemon;
 use crate::{Args, wait_for};
 
-/// Users in the source of the catch-up and latency runs (updates and deletes need rows).
-pub const CATCHUP_USERS: u64 = 10_000;
 /// The local broker (tansu 0.6) holds every fetch for `fetch.wait.max.ms` even when data
 /// is there, so a change waits 1.5 times that on average: a short wait, as
 /// `conf/kafka.toml` advises for it (a Kafka broker answers as soon as data arrives).
@@ -365,7 +363,7 @@ impl Bench {
     /// Events/s per sink kind of a catch-up into these sinks, and the peak RSS.
     async fn catchup(&self, transport: Transport, kinds: &[&str]) -> anyhow::Result<(Vec<(String, f64)>, f64)> {
         let changes = if transport == Transport::Kafka { self.kafka_changes() } else { self.args.changes };
-        self.ensure_source("bench_cu", CATCHUP_USERS).await?;
+        self.ensure_source("bench_cu", self.args.catchup_users).await?;
         self.fresh_targets(kinds).await?;
         let daemon = self.daemon("catchup", "bench_cu", "bench_cu", "initial", kinds, transport).await?;
         let source = pg(&self.url("bench_cu")).await?;
@@ -442,7 +440,7 @@ impl Bench {
 
     /// p50 and p99 of commit -> visible in the PostgreSQL sink (ms), and the peak RSS.
     async fn latency(&self, transport: Transport) -> anyhow::Result<(f64, f64, f64)> {
-        self.ensure_source("bench_cu", CATCHUP_USERS).await?;
+        self.ensure_source("bench_cu", self.args.catchup_users).await?;
         self.fresh_targets(&["postgres"]).await?;
         let daemon = self.daemon("latency", "bench_cu", "bench_lat", "never", &["postgres"], transport).await?;
         daemon.wait_ready(Duration::from_secs(60)).await?;

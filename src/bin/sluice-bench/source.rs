@@ -22,7 +22,7 @@ use sluice_actors::source::wal::WalOptions;
 use sluice_actors::source::{self, PgSourceOptions, SnapshotMode, SourceLinks};
 use tokio::sync::watch;
 
-use crate::scenario::{Bench, CATCHUP_USERS, workload};
+use crate::scenario::{Bench, workload};
 use crate::wait_for;
 
 const SLOT: &str = "bench_source";
@@ -118,7 +118,7 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<SourceFigures> {
     bench.drop_slot(SLOT).await?;
 
     // 2. Streaming: a backlog of M changes in the slot, then read at once.
-    bench.ensure_source("bench_cu", CATCHUP_USERS).await?;
+    bench.ensure_source("bench_cu", bench.args.catchup_users).await?;
     let counting = Counting::start(bench, "bench_cu", SnapshotMode::Never)?;
     let admin = crate::scenario::pg(&bench.url("postgres")).await?;
     wait_for("the slot", Duration::from_secs(60), Duration::from_millis(100), || async {
