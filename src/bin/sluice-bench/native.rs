@@ -34,15 +34,7 @@ async fn subscribe(bench: &Bench, source: &str, copy_data: bool) -> anyhow::Resu
 /// The publication of `source`'s users and orders and its slot: from here on the slot
 /// keeps every change for a subscription [`attach`]ed later.
 pub async fn publish(bench: &Bench, source: &str) -> anyhow::Result<()> {
-    // A run that failed leaves its subscription, which keeps the database in use.
-    if let Ok(old) = pg(&bench.url(SUBSCRIBER)).await {
-        let _ = old
-            .batch_execute(
-                "ALTER SUBSCRIPTION bench_native DISABLE; ALTER SUBSCRIPTION bench_native SET (slot_name = NONE)",
-            )
-            .await;
-        let _ = old.batch_execute("DROP SUBSCRIPTION IF EXISTS bench_native").await;
-    }
+    drop_leftover_subscription(bench).await;
     bench.drop_slot("bench_native").await?;
     let publisher = pg(&bench.url(source)).await?;
     publisher
@@ -57,6 +49,19 @@ pub async fn publish(bench: &Bench, source: &str) -> anyhow::Result<()> {
         .await
         .context("replication slot")?;
     Ok(())
+}
+
+/// Drops the subscription a failed run left, which keeps its slot active and so both
+/// databases in use.
+pub async fn drop_leftover_subscription(bench: &Bench) {
+    if let Ok(old) = pg(&bench.url(SUBSCRIBER)).await {
+        let _ = old
+            .batch_execute(
+                "ALTER SUBSCRIPTION bench_native DISABLE; ALTER SUBSCRIPTION bench_native SET (slot_name = NONE)",
+            )
+            .await;
+        let _ = old.batch_execute("DROP SUBSCRIPTION IF EXISTS bench_native").await;
+    }
 }
 
 /// A fresh subscriber database with the load generator's schema.

@@ -361,6 +361,7 @@ fn postgres_spec(bench: &Bench, db: &str) -> anyhow::Result<SinkSpec> {
 /// it, so the publisher's WAL holds what the sink was given (less the few updates of keys
 /// inserted in the same unit).
 async fn native_rate(bench: &Bench, rows: u64, txn_rows: usize) -> anyhow::Result<(f64, Option<f64>)> {
+    native::drop_leftover_subscription(bench).await;
     bench.fresh_pg(NATIVE_PUBLISHER).await?;
     let publisher = pg(&bench.url(NATIVE_PUBLISHER)).await?;
     loadgen::create_schema(&publisher).await?;
