@@ -225,7 +225,8 @@ async fn run() -> anyhow::Result<()> {
     if let Some((name, figures)) = component {
         let line = json!({
             "bench": name, "cores": num_cores(), "load_before": load_before, "load_after": load(),
-            "pg": args.pg, "rows": args.rows, "changes": args.changes, "catchup_users": args.catchup_users, "txn_rows": args.txn_rows,
+            "pg": args.pg, "rows": args.rows, "changes": args.changes, "catchup_users": args.catchup_users,
+            "txn_rows": args.txn_rows,
             "figures": figures,
         });
         emit(&line, &args)?;
@@ -264,7 +265,8 @@ async fn run() -> anyhow::Result<()> {
         "pg": args.pg,
         "rows": args.rows,
         "kafka_rows": bench.kafka_rows(),
-        "changes": args.changes, "catchup_users": args.catchup_users,
+        "changes": args.changes,
+        "catchup_users": args.catchup_users,
         "kafka_changes": bench.kafka_changes(),
         "latency_txns": args.latency_txns,
         "results": results.iter().map(|(t, f)| (t.name().to_string(), serde_json::to_value(f).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),

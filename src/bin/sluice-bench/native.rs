@@ -25,6 +25,7 @@ pub const LIMIT: Duration = Duration::from_secs(1800);
 /// A subscription from `source` (tables users and orders) into a fresh subscriber with
 /// the load generator's schema; returns the subscriber once the subscription exists.
 async fn subscribe(bench: &Bench, source: &str, copy_data: bool) -> anyhow::Result<Client> {
+    drop_leftover_subscription(bench).await;
     publish(bench, source).await?;
     let subscriber = subscriber(bench).await?;
     attach(bench, &subscriber, source, copy_data).await?;
@@ -32,9 +33,9 @@ async fn subscribe(bench: &Bench, source: &str, copy_data: bool) -> anyhow::Resu
 }
 
 /// The publication of `source`'s users and orders and its slot: from here on the slot
-/// keeps every change for a subscription [`attach`]ed later.
+/// keeps every change for a subscription [`attach`]ed later. After
+/// [`drop_leftover_subscription`], which may hold the slot.
 pub async fn publish(bench: &Bench, source: &str) -> anyhow::Result<()> {
-    drop_leftover_subscription(bench).await;
     bench.drop_slot("bench_native").await?;
     let publisher = pg(&bench.url(source)).await?;
     publisher

@@ -12,10 +12,10 @@
 //! Beside each rate: the CPU time the sink's server and this process (generator, mapper,
 //! writer) spent on the run, per million rows: a sink whose server needs more CPU for the
 //! target rate than the machine's cores give cannot reach it, whatever the writer does.
-//! For PostgreSQL, the reference: the
-//! same changes written into a publisher by the sink (not timed), then drained by
-//! PostgreSQL's own logical replication into a fresh subscriber (timed from the
-//! subscription's creation to its applying the last change), unless `--skip-native`.
+//! For PostgreSQL, the reference: the same changes written into a publisher by the sink
+//! (not timed), then drained by PostgreSQL's own logical replication into a fresh
+//! subscriber (timed from the subscription's creation to its applying the last change),
+//! unless `--skip-native`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -319,8 +319,7 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<SinkFigures> {
         let server = Cpu::of(kind);
         let own = Cpu::own();
         let rate = through_sink(kind, spec, rows, txn_rows).await.with_context(|| format!("the {kind} sink"))?;
-        let per_m = |cpu: Option<f64>| cpu.map(|s| s * 1e6 / rows as f64);
-        let (server, own) = (per_m(server.spent()), per_m(own.spent()));
+        let (server, own) = (server.per_million(rows), own.per_million(rows));
         eprintln!(
             "[bench] {kind} sink: {rate:.0} rows/s ({rows} changes, 50/50 inserts/updates, {txn_rows} per transaction); \
              CPU per 1M rows: server {}, sluice-bench {}",
@@ -328,8 +327,12 @@ pub async fn measure(bench: &Bench) -> anyhow::Result<SinkFigures> {
             secs(own)
         );
         figures.rows_per_s.insert(kind.to_string(), rate);
-        server.map(|s| figures.server_cpu_s_per_m.insert(kind.to_string(), s));
-        own.map(|s| figures.bench_cpu_s_per_m.insert(kind.to_string(), s));
+        if let Some(s) = server {
+            figures.server_cpu_s_per_m.insert(kind.to_string(), s);
+        }
+        if let Some(s) = own {
+            figures.bench_cpu_s_per_m.insert(kind.to_string(), s);
+        }
         if kind == "postgres" && !bench.args.skip_native {
             let (rate, server) = native_rate(bench, rows, txn_rows).await.context("native replication")?;
             eprintln!(
@@ -361,6 +364,7 @@ fn postgres_spec(bench: &Bench, db: &str) -> anyhow::Result<SinkSpec> {
 /// it, so the publisher's WAL holds what the sink was given (less the few updates of keys
 /// inserted in the same unit).
 async fn native_rate(bench: &Bench, rows: u64, txn_rows: usize) -> anyhow::Result<(f64, Option<f64>)> {
+    // Before the publisher is dropped: a leftover subscription keeps it in use.
     native::drop_leftover_subscription(bench).await;
     bench.fresh_pg(NATIVE_PUBLISHER).await?;
     let publisher = pg(&bench.url(NATIVE_PUBLISHER)).await?;
@@ -380,7 +384,7 @@ async fn native_rate(bench: &Bench, rows: u64, txn_rows: usize) -> anyhow::Resul
     native::attach(bench, &subscriber, NATIVE_PUBLISHER, false).await?;
     wait_for("the native apply", native::LIMIT, Duration::from_millis(50), || has_user(&subscriber, marker)).await?;
     let rate = rows as f64 / started.elapsed().as_secs_f64();
-    let server = server.spent().map(|s| s * 1e6 / rows as f64);
+    let server = server.per_million(rows);
     native::unsubscribe(bench, subscriber, NATIVE_PUBLISHER).await?;
     Ok((rate, server))
 }
@@ -408,9 +412,9 @@ impl Cpu {
         Cpu { read, start: read() }
     }
 
-    /// Seconds spent since the starting reading.
-    fn spent(&self) -> Option<f64> {
-        Some((self.read)()? - self.start?)
+    /// Seconds spent since the starting reading, per million of `rows`.
+    fn per_million(&self, rows: u64) -> Option<f64> {
+        Some(((self.read)()? - self.start?) * 1e6 / rows as f64)
     }
 }
 
